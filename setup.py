@@ -1,0 +1,37 @@
+"""Packaging for the real-time instance segmentation framework.
+
+``pip install -e .`` installs the shared core (``instseg``) and the model packages, with
+dependencies from the package registries only (nothing is compiled).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="instseg",
+    version="0.1.0",
+    description="Train, evaluate and time SparseInst, FastInst, FASSST and QueryInst in one codebase",
+    python_requires=">=3.10",
+    packages=find_packages(include=["instseg", "instseg.*", "sparseinst", "sparseinst.*"]),
+    install_requires=[
+        "torch>=2.1",
+        "torchvision>=0.16",
+        "fvcore>=0.1.5.post20221221",
+        "timm>=0.9",
+        "lightning>=2.1",
+        "pycocotools>=2.0.7",
+        "scipy>=1.10",
+        "opencv-python-headless>=4.8",
+        "numpy>=1.24",
+        "pillow>=10",
+        "tensorboard>=2.14",
+        "pyyaml>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=7.4"],
+        "fast-eval": ["faster-coco-eval>=1.5"],
+    },
+    entry_points={
+        "console_scripts": [
+            "instseg-quickstart=instseg.quickstart:main",
+        ]
+    },
+)
