@@ -50,12 +50,17 @@ _C.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
 _C.MODEL.MOBILENET = CN()
 _C.MODEL.MOBILENET.WIDTH_MULT = 1.0
 _C.MODEL.MOBILENET.NORM = "FrozenBN"
+# Stride-4/8/16/32 maps returned by build_mobilenet_v2_backbone (channels 24/32/96/320 at width 1).
+_C.MODEL.MOBILENET.OUT_FEATURES = ["res3", "res4", "res5"]
 
 # FPN (QueryInst, FASSST's ResNet alternative).
 _C.MODEL.FPN = CN()
 _C.MODEL.FPN.IN_FEATURES = ["res2", "res3", "res4", "res5"]
 _C.MODEL.FPN.OUT_CHANNELS = 256
 _C.MODEL.FPN.NORM = ""
+# "" (outputs p2..p5 for res2..res5) or "maxpool" (adds p6 = stride-2 subsampling of p5,
+# Detectron2's LastLevelMaxPool).
+_C.MODEL.FPN.TOP_BLOCK = ""
 
 # ---------------------------------------------------------------------------- #
 # Input
