@@ -1,0 +1,18 @@
+"""Losses shared by the four models: dice, sigmoid focal, BCE, IoU/GIoU, objectness."""
+from torch.nn.functional import binary_cross_entropy_with_logits
+from torchvision.ops import generalized_box_iou_loss
+
+from .dice import dice_coefficient_matrix, dice_loss
+from .focal import focal_classification_loss, focal_cost_matrix, sigmoid_focal_loss
+from .objectness import binarized_mask_iou
+
+__all__ = [
+    "binarized_mask_iou",
+    "binary_cross_entropy_with_logits",
+    "dice_coefficient_matrix",
+    "dice_loss",
+    "focal_classification_loss",
+    "focal_cost_matrix",
+    "generalized_box_iou_loss",
+    "sigmoid_focal_loss",
+]
