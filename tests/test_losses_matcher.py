@@ -1,0 +1,133 @@
+"""Shared losses and matchers against hand-computed values and brute force."""
+import itertools
+import math
+
+import pytest
+import torch
+
+from instseg.modeling.losses import (
+    binarized_mask_iou,
+    dice_coefficient_matrix,
+    dice_loss,
+    focal_classification_loss,
+    focal_cost_matrix,
+)
+from instseg.modeling.matcher import DiceScoreMatcher, NonFiniteCostError, hungarian_assign
+
+
+def test_dice_loss_hand_computed():
+    # sigmoid(0) = 0.5 everywhere; target covers half of 4 pixels.
+    logits = torch.zeros(1, 4)
+    target = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    # squared: 2 * (0.5 + 0.5) / (4 * 0.25 + 2 + 1e-4)
+    expected = 1 - 2.0 / (3.0 + 1e-4)
+    assert dice_loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    # plain sums with +1 smoothing (Mask2Former / FastInst): (2 * 1 + 1) / (2 + 2 + 1)
+    assert dice_loss(logits, target, squared=False, eps_num=1.0, eps_den=1.0).item() == pytest.approx(1 - 3 / 5, rel=1e-6)
+
+
+def test_dice_matrix_matches_pairwise_loss():
+    torch.manual_seed(0)
+    p, t = torch.randn(5, 30), (torch.rand(3, 30) > 0.5).float()
+    mat = dice_coefficient_matrix(p, t)
+    for i in range(5):
+        for j in range(3):
+            loss = dice_loss(p[i : i + 1], t[j : j + 1]).item()
+            assert mat[i, j].item() == pytest.approx(1 - loss, abs=1e-6)
+
+
+def test_focal_loss_hand_computed():
+    # logit 0 -> p = 0.5, CE = ln 2, (1 - p_t)^2 = 0.25
+    logits = torch.zeros(2, 3)
+    target = torch.tensor([1, 3])  # image 0: class 1; image 1: background (3 = K)
+    fg = 0.25 * 0.25 * math.log(2)  # alpha * 0.25 * ln2 for the one positive entry
+    bg = 0.75 * 0.25 * math.log(2)  # (1 - alpha) * 0.25 * ln2 for each negative entry
+    expected = fg + 5 * bg
+    assert focal_classification_loss(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_focal_classification_loss_rejects_bad_classes():
+    with pytest.raises(ValueError):
+        focal_classification_loss(torch.zeros(2, 3), torch.tensor([0, 4]))
+
+
+def test_focal_cost_prefers_confident_correct_class():
+    logits = torch.tensor([[4.0, -4.0], [-4.0, 4.0]])
+    cost = focal_cost_matrix(logits, torch.tensor([0, 1]))
+    assert cost[0, 0] < cost[1, 0] and cost[1, 1] < cost[0, 1]
+
+
+def test_binarized_iou_hand_computed():
+    pred = torch.tensor([[5.0, 5.0, -5.0, -5.0]])  # foreground pixels 0, 1
+    tgt = torch.tensor([[1.0, 0.0, 1.0, 0.0]])  # foreground pixels 0, 2
+    assert binarized_mask_iou(pred, tgt).item() == pytest.approx(1 / 3, abs=1e-5)
+
+
+def _brute_force(score, maximize):
+    n, m = score.shape
+    best = None
+    if n >= m:
+        for perm in itertools.permutations(range(n), m):
+            total = sum(score[perm[j], j].item() for j in range(m))
+            if best is None or (total > best if maximize else total < best):
+                best = total
+    else:
+        for perm in itertools.permutations(range(m), n):
+            total = sum(score[i, perm[i]].item() for i in range(n))
+            if best is None or (total > best if maximize else total < best):
+                best = total
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("maximize", [True, False])
+def test_hungarian_equals_brute_force(seed, maximize):
+    g = torch.Generator().manual_seed(seed)
+    n, m = [(5, 3), (4, 4), (3, 5)][seed % 3]
+    score = torch.rand(n, m, generator=g)
+    rows, cols = hungarian_assign(score, maximize=maximize)
+    assert len(rows) == min(n, m) and len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
+    total = score[rows, cols].sum().item()
+    assert total == pytest.approx(_brute_force(score, maximize), abs=1e-6)
+
+
+def test_dice_score_matcher_equals_brute_force_on_eq1():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(5, 4, generator=g)
+    masks = torch.randn(5, 6, 6, generator=g)
+    labels = torch.tensor([2, 0, 3])
+    tmasks = (torch.rand(3, 6, 6, generator=g) > 0.5).float()
+    matcher = DiceScoreMatcher(alpha=0.8, beta=0.2)
+    (rows, cols), = matcher({"pred_logits": logits[None], "pred_masks": masks[None]}, [{"labels": labels, "masks": tmasks}])
+    # Eq. 1 computed independently, element by element
+    score = torch.zeros(5, 3)
+    for i in range(5):
+        for k in range(3):
+            p = torch.sigmoid(masks[i]).flatten()
+            t = tmasks[k].flatten()
+            dice = 2 * (p * t).sum() / ((p * p).sum() + (t * t).sum() + 1e-4)
+            score[i, k] = torch.sigmoid(logits[i, labels[k]]) ** 0.2 * dice ** 0.8
+    assert score[rows, cols].sum().item() == pytest.approx(_brute_force(score, True), abs=1e-5)
+
+
+def test_matcher_empty_targets():
+    matcher = DiceScoreMatcher()
+    out = matcher({"pred_logits": torch.randn(1, 4, 2), "pred_masks": torch.randn(1, 4, 3, 3)},
+                  [{"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 3, 3)}])
+    assert out[0][0].numel() == 0 and out[0][1].numel() == 0
+
+
+def test_non_finite_cost_is_named():
+    cost = torch.rand(3, 2)
+    cost[1, 1] = float("nan")
+    with pytest.raises(NonFiniteCostError, match="dice-score matrix"):
+        hungarian_assign(cost, name="dice-score matrix")
+
+
+def test_matcher_costs_in_float32_under_half_inputs():
+    # fp16 logits of large magnitude: the cost must still be finite (computed in float32)
+    logits = torch.full((1, 3, 2), 60000.0, dtype=torch.float16)
+    masks = torch.full((1, 3, 4, 4), -60000.0, dtype=torch.float16)
+    out = DiceScoreMatcher()({"pred_logits": logits, "pred_masks": masks},
+                             [{"labels": torch.tensor([1]), "masks": torch.ones(1, 4, 4)}])
+    assert out[0][0].numel() == 1
