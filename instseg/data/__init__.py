@@ -1,0 +1,72 @@
+"""Datasets (catalog, COCO json, synthetic smoke set), the mapper, augmentations and loaders.
+
+Importing this package registers the built-in names (cheap, nothing is read or generated):
+
+- ``coco_2017_train`` / ``coco_2017_val`` under ``$INSTSEG_DATASETS`` (default ``./datasets``),
+  standard layout ``coco/annotations/instances_{train,val}2017.json``, ``coco/{train,val}2017/``;
+- ``smoke_shapes_train`` / ``smoke_shapes_val``: the synthetic smoke-test dataset, generated
+  under ``$INSTSEG_DATASETS/smoke_shapes`` on first use.
+
+See ``datasets/README.md`` for the layout and for custom COCO-format data.
+"""
+from .build import (
+    GroupedBatchSampler,
+    InferenceSampler,
+    InfiniteBatchSampler,
+    MapDataset,
+    TrainingSampler,
+    build_test_loader,
+    build_train_loader,
+    get_dataset_dicts,
+    resolve_num_classes,
+    trivial_batch_collator,
+)
+from .catalog import DatasetCatalog, Metadata, MetadataCatalog
+from .coco import (
+    COCO_CATEGORIES,
+    datasets_root,
+    load_coco_json,
+    read_coco_categories,
+    register_all_coco,
+    register_coco_instances,
+)
+from .mapper import DatasetMapper, ImageDecodeError, annotations_to_masks, read_image
+from .smoke import SMOKE_CLASSES, ensure_smoke_dataset, make_smoke_dataset, register_smoke_dataset
+from .transforms import RandomCrop, ResizeShortestEdge, boxes_from_masks, build_augmentation
+
+__all__ = [
+    "DatasetCatalog",
+    "MetadataCatalog",
+    "Metadata",
+    "load_coco_json",
+    "read_coco_categories",
+    "register_coco_instances",
+    "register_all_coco",
+    "datasets_root",
+    "COCO_CATEGORIES",
+    "DatasetMapper",
+    "ImageDecodeError",
+    "read_image",
+    "annotations_to_masks",
+    "ResizeShortestEdge",
+    "RandomCrop",
+    "build_augmentation",
+    "boxes_from_masks",
+    "TrainingSampler",
+    "InferenceSampler",
+    "GroupedBatchSampler",
+    "InfiniteBatchSampler",
+    "MapDataset",
+    "get_dataset_dicts",
+    "build_train_loader",
+    "build_test_loader",
+    "resolve_num_classes",
+    "trivial_batch_collator",
+    "SMOKE_CLASSES",
+    "make_smoke_dataset",
+    "ensure_smoke_dataset",
+    "register_smoke_dataset",
+]
+
+register_all_coco()
+register_smoke_dataset()

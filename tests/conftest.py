@@ -1,0 +1,33 @@
+"""Shared pytest fixtures.
+
+The sample data lives next to the repository, in ``../shared/data`` (see its README.md); tests
+that need it are skipped when it is missing.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # run from anywhere without installing the package
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``Path`` of ``../shared/data`` (relative to the repository root); skips when missing."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared sample data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def coco128(shared_data: Path) -> Path:
+    """``Path`` of the coco128-seg sample (``annotations*.json``, ``images/``); skips when missing."""
+    path = shared_data / "coco128-seg"
+    if not (path / "annotations.json").is_file():
+        pytest.skip(f"coco128-seg not found at {path}")
+    return path
