@@ -1,0 +1,279 @@
+"""Speed, parameter and FLOP measurement (the harness behind ``tools/benchmark_fps.py``).
+
+What is timed, as the SparseInst/FastInst papers time it: the whole ``model([input])`` call at
+batch size 1 — pre-processing (host-to-device copy of the uint8 image, normalization, padding),
+the network, and post-processing (mask upsampling to the original size, thresholding). Reading
+and decoding images is excluded: inputs are pre-decoded ``uint8 (3, H, W)`` tensors.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import platform
+import statistics
+import time
+import warnings
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["benchmark_model", "count_parameters", "count_flops", "device_description"]
+
+logger = logging.getLogger(__name__)
+
+TIMED = "pre-processing + network + post-processing (data loading excluded)"
+_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "CPU"
+
+
+def device_description(device: Union[str, torch.device]) -> str:
+    """Human-readable device: the GPU's name, or the CPU model with torch's thread count."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"{torch.cuda.get_device_name(index)} (cuda:{index})"
+    if device.type == "cpu":
+        return f"{_cpu_name()} ({torch.get_num_threads()} threads, {os.cpu_count()} logical cores)"
+    return str(device)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, precision: str):
+    dtype = _DTYPES[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _input_size(inputs: Sequence[Dict]):
+    sizes = [tuple(int(s) for s in x["image"].shape[-2:]) for x in inputs]
+    distinct = sorted(set(sizes))
+    if len(distinct) == 1:
+        return list(distinct[0]), None
+    hs = [s[0] for s in sizes]
+    ws = [s[1] for s in sizes]
+    mean = [int(round(statistics.mean(hs))), int(round(statistics.mean(ws)))]
+    note = (f"{len(distinct)} distinct sizes: H in [{min(hs)}, {max(hs)}], W in "
+            f"[{min(ws)}, {max(ws)}]; input_size is the mean")
+    return mean, note
+
+
+def benchmark_model(
+    model: nn.Module,
+    inputs: List[Dict],
+    num_warmup: int = 10,
+    num_iter: int = 100,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    device: Optional[Union[str, torch.device]] = None,
+) -> Dict:
+    """Time ``model([x])`` at batch size 1.
+
+    Each iteration feeds ``inputs[i % len(inputs)]``; ``num_warmup`` untimed iterations come
+    first. Every timed call is bracketed by ``torch.cuda.synchronize`` on CUDA, and measured with
+    ``time.perf_counter``. The model runs in eval mode under ``torch.no_grad()``; its training
+    mode is restored afterwards (it stays on ``device`` and, with ``channels_last``, in that memory
+    format).
+
+    Args:
+        model: follows DESIGN.md's data contract (``model(list_of_dicts) -> list_of_dicts``).
+        inputs: input dicts with ``"image"``: ``uint8 (3, H, W)`` RGB (already resized to the test
+            size), ``"height"``, ``"width"``; left where they are (the model moves them).
+        num_warmup: untimed iterations (>= 0).
+        num_iter: timed iterations (>= 1).
+        precision: ``"fp32"``, or ``"fp16"``/``"bf16"`` through ``torch.autocast``.
+        channels_last: convert the model to ``torch.channels_last`` memory format.
+        device: where the model runs; default: where its parameters are.
+
+    Returns:
+        ``{"fps", "ms_per_image" (mean), "ms_std" (sample std), "ms_median", "num_warmup",
+        "num_iter", "batch_size": 1, "device", "precision", "channels_last", "input_size": [H, W]
+        (the mean when sizes differ, explained in "input_size_note"), "timed", "torch"}`` plus
+        ``"max_memory_mb"`` on CUDA. ``fps = num_iter / total timed seconds``.
+
+    Raises:
+        ValueError: empty ``inputs``, ``num_iter < 1``, ``num_warmup < 0`` or unknown precision.
+    """
+    if not inputs:
+        raise ValueError("benchmark_model: no inputs")
+    if num_iter < 1 or num_warmup < 0:
+        raise ValueError(f"need num_iter >= 1 and num_warmup >= 0, got {num_iter}, {num_warmup}")
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+    device = torch.device(device) if device is not None else _model_device(model)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    was_training = model.training
+    model.eval()
+    times: List[float] = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with torch.no_grad(), _autocast(device, precision):
+            for i in range(num_warmup):
+                model([inputs[i % len(inputs)]])
+            _sync(device)
+            for i in range(num_iter):
+                x = inputs[i % len(inputs)]
+                _sync(device)
+                t0 = time.perf_counter()
+                model([x])
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+
+    total = sum(times)
+    input_size, note = _input_size(inputs[: min(len(inputs), num_iter)])
+    result = {
+        "fps": num_iter / total if total > 0 else math.inf,
+        "ms_per_image": 1000.0 * statistics.mean(times),
+        "ms_std": 1000.0 * statistics.stdev(times) if len(times) > 1 else 0.0,
+        "ms_median": 1000.0 * statistics.median(times),
+        "num_warmup": int(num_warmup),
+        "num_iter": int(num_iter),
+        "batch_size": 1,
+        "device": device_description(device),
+        "precision": precision,
+        "channels_last": bool(channels_last),
+        "input_size": input_size,
+        "timed": TIMED,
+        "torch": torch.__version__,
+    }
+    if note:
+        result["input_size_note"] = note
+    if device.type == "cuda":
+        result["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements, trainable and frozen (buffers such as FrozenBN statistics
+    excluded; a parameter shared by two modules counted once)."""
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+class _ContractAdapter(nn.Module):
+    """Traceable wrapper: one image tensor in, the flattened tensors of ``model([...])`` out."""
+
+    def __init__(self, model: nn.Module, template: Dict):
+        super().__init__()
+        self.model = model
+        self.template = {k: v for k, v in template.items() if k != "image"}
+
+    def forward(self, image: torch.Tensor):
+        inp = dict(self.template)
+        inp["image"] = image
+        inp.setdefault("height", int(image.shape[-2]))
+        inp.setdefault("width", int(image.shape[-1]))
+        return tuple(_flatten_tensors(self.model([inp])))
+
+
+class _FlopsForwardAdapter(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor):
+        return tuple(_flatten_tensors(self.model.flops_forward(images)))
+
+
+def _flatten_tensors(x) -> List[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, dict):
+        return [t for k in sorted(x, key=str) for t in _flatten_tensors(x[k])]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _flatten_tensors(v)]
+    return []
+
+
+def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Dict, List[Dict]]) -> float:
+    """GFLOPs of one forward pass, counted by :class:`fvcore.nn.FlopCountAnalysis`.
+
+    fvcore's convention: one multiply-add is one FLOP (a ``Conv2d(3, 8, 3)`` on ``1x3x16x16``
+    with padding 1 counts ``3*8*9*16*16``). Ops fvcore has no handle for count 0; they are
+    listed at DEBUG level and their number logged at INFO (no per-op warnings).
+
+    What is counted:
+      * ``inputs`` is a tensor: ``model.flops_forward(inputs)`` if the model has it, else
+        ``model(inputs)``.
+      * ``inputs`` is an input dict or a list of them (the first is used, batch 1): if the model
+        has ``flops_forward``, it receives the normalized, padded float batch
+        ``(1, 3, Hp, Wp)`` (from ``model.preprocess_images`` when present, else the raw image as
+        float); this is the network without post-processing. Otherwise the full ``model([x])``
+        call is traced (pre- and post-processing included).
+
+    The model is traced in eval mode under ``torch.no_grad()``; its training mode is restored.
+
+    Returns:
+        GFLOPs (``total / 1e9``), a float.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fvcore's import scripts a function (deprecated jit)
+        from fvcore.nn import FlopCountAnalysis
+
+    device = _model_device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(inputs, torch.Tensor):
+                if hasattr(model, "flops_forward"):
+                    net, args = _FlopsForwardAdapter(model), (inputs.to(device),)
+                else:
+                    net, args = model, (inputs.to(device),)
+            else:
+                first = inputs if isinstance(inputs, dict) else inputs[0]
+                if hasattr(model, "flops_forward"):
+                    if hasattr(model, "preprocess_images"):
+                        images = model.preprocess_images([first])[0]
+                    else:
+                        images = first["image"].to(device).float()[None]
+                    net, args = _FlopsForwardAdapter(model), (images,)
+                else:
+                    net, args = _ContractAdapter(model, first), (first["image"].to(device),)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TracerWarnings from data-dependent code
+                analysis = FlopCountAnalysis(net, args)
+                analysis.unsupported_ops_warnings(False)
+                analysis.uncalled_modules_warnings(False)
+                analysis.tracer_warnings("none")
+                total = analysis.total()
+                skipped = analysis.unsupported_ops()
+    finally:
+        model.train(was_training)
+    if skipped:
+        logger.info(
+            "count_flops: %d op calls of %d kinds not counted by fvcore (counted as 0)",
+            sum(skipped.values()), len(skipped),
+        )
+        logger.debug("count_flops: skipped ops: %s", dict(skipped))
+    return float(total) / 1e9
