@@ -193,8 +193,31 @@ class MapDataset(Dataset):
     def __len__(self) -> int:
         return len(self._dicts)
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, i) -> Any:
+        if isinstance(i, tuple):  # (seed, index) from _PositionSeededBatchSampler
+            seed, i = i
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return self._mapper(self._dicts[i])
         return self._mapper(self._dicts[i])
+
+
+class _PositionSeededBatchSampler(Sampler):
+    """Tags each index of batch ``it`` with a seed derived from ``(seed, rank, it, slot)``.
+
+    :class:`MapDataset` draws that sample's augmentation from a generator seeded with it, so the
+    augmentation depends only on the sample's position in the stream: a run resumed at
+    ``start_iter`` draws exactly the augmentations of the uninterrupted run, whatever the number
+    of workers and whatever the model consumed from the global generator in between.
+    """
+
+    def __init__(self, batch_sampler: Sampler, seed: int, rank: int, start_iter: int):
+        self.batch_sampler, self.seed, self.rank, self.start_iter = batch_sampler, int(seed), int(rank), int(start_iter)
+
+    def __iter__(self):
+        for it, batch in enumerate(self.batch_sampler, start=self.start_iter):
+            base = (self.seed * 1_000_003 + self.rank) * 1_000_033 + it
+            yield [((base * 131 + k) % 2**63, idx) for k, idx in enumerate(batch)]
 
 
 def _has_instances(d: dict) -> bool:
@@ -297,6 +320,7 @@ def build_train_loader(
         batch_sampler: Sampler = GroupedBatchSampler(sampler, group_ids, batch_size, start_iter)
     else:
         batch_sampler = InfiniteBatchSampler(sampler, batch_size, start_iter)
+    batch_sampler = _PositionSeededBatchSampler(batch_sampler, seed, rank, start_iter)
     dataset = MapDataset(dicts, mapper if mapper is not None else DatasetMapper(cfg, is_train=True))
     g = torch.Generator()
     g.manual_seed((int(seed) * 1_000_003 + int(rank) * 10_007 + int(start_iter)) % 2**63)

@@ -38,6 +38,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def _np_state_to_safe(st):
+    # a plain dict of str/int/float/tensor, loadable by torch.load(weights_only=True)
+    key, keys, pos, has_gauss, cached = st
+    return {"key": key, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _np_state_from_safe(d):
+    return (d["key"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+
 class RNGStateCallback(Callback):
     """Saves and restores Python, NumPy and torch (CPU and CUDA) RNG states with the checkpoint, so
     that a resumed run draws the same augmentations as an uninterrupted one."""
@@ -45,7 +56,7 @@ class RNGStateCallback(Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["rng_state"] = {
             "python": random.getstate(),
-            "numpy": np.random.get_state(),
+            "numpy": _np_state_to_safe(np.random.get_state()),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -55,7 +66,7 @@ class RNGStateCallback(Callback):
         if not state:
             return
         random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
+        np.random.set_state(_np_state_from_safe(state["numpy"]))
         torch.set_rng_state(state["torch"])
         if torch.cuda.is_available() and state["cuda"]:
             torch.cuda.set_rng_state_all(state["cuda"])

@@ -91,6 +91,13 @@ class _LossLogger(Callback):
 
     def __init__(self, period: int):
         self.period = max(int(period), 1)
+        self._t0 = None
+        self._start_step = 0
+
+    def on_train_start(self, trainer, pl_module):
+        import time
+
+        self._t0, self._start_step = time.perf_counter(), trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         it = trainer.global_step  # already incremented
@@ -98,7 +105,13 @@ class _LossLogger(Callback):
             return
         m = {k[len("train/"):]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")}
         parts = "  ".join(f"{k}: {v:.4g}" for k, v in sorted(m.items()))
-        logger.info("iter: %d/%d  %s", it, trainer.max_steps, parts)
+        import datetime
+        import time
+
+        done = it - self._start_step
+        sec = (time.perf_counter() - self._t0) / max(done, 1)
+        eta = datetime.timedelta(seconds=int(sec * max(trainer.max_steps - it, 0)))
+        logger.info("eta: %s  iter: %d/%d  %s  time/iter: %.3fs", eta, it, trainer.max_steps, parts, sec)
 
 
 def _precision(cfg) -> str:
@@ -144,7 +157,7 @@ def build_trainer(cfg, num_gpus: int = 1, num_machines: int = 1, machine_rank: i
     clip = cfg.SOLVER.CLIP_GRADIENTS
     eval_period = int(cfg.TEST.EVAL_PERIOD)
     has_test = len(cfg.DATASETS.TEST) > 0
-    callbacks = [ckpt, RNGStateCallback(), IterationProgressBar(refresh_rate=max(1, cfg.LOG_PERIOD // 4)),
+    callbacks = [ckpt, RNGStateCallback(), IterationProgressBar(refresh_rate=1 if sys.stdout.isatty() else max(1, int(cfg.LOG_PERIOD))),
                  _LossLogger(cfg.LOG_PERIOD), DDPConsistencyRecord(cfg.OUTPUT_DIR)] + list(extra_callbacks)
     return L.Trainer(
         accelerator=accelerator,
@@ -162,7 +175,7 @@ def build_trainer(cfg, num_gpus: int = 1, num_machines: int = 1, machine_rank: i
         gradient_clip_algorithm=clip.CLIP_TYPE if clip.ENABLED else None,
         callbacks=callbacks,
         logger=[TensorBoardLogger(cfg.OUTPUT_DIR, name="tensorboard", version=""),
-                CSVLogger(cfg.OUTPUT_DIR, name="csv", version="")],
+                CSVLogger(cfg.OUTPUT_DIR, name="csv")],  # csv/version_N per (resumed) run: nothing overwritten
         log_every_n_steps=max(1, int(cfg.LOG_PERIOD)),
         plugins=[AtomicCheckpointIO()],
         enable_model_summary=False,
@@ -184,12 +197,26 @@ def _load_initial_weights(module: InstSegModule, weights: str) -> None:
     )
 
 
+def _check_dataset_files(names) -> None:
+    """Fail before training, not after it, when a dataset's json file is missing."""
+    from ..data import DatasetCatalog, MetadataCatalog
+
+    for name in names:
+        if name not in DatasetCatalog:
+            raise KeyError(f"Dataset '{name}' is not registered; registered: {sorted(DatasetCatalog.list())}")
+        meta = MetadataCatalog.get(name)
+        json_file = getattr(meta, "json_file", None)  # lazy for the smoke set: generates it
+        if json_file and not os.path.isfile(json_file):
+            raise FileNotFoundError(f"Dataset '{name}': json file not found: {json_file}")
+
+
 def train(cfg, resume: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0, dist_url: str = "") -> Dict:
     """Train ``cfg`` to ``SOLVER.MAX_ITER``; returns the final evaluation (``{}`` without a test set).
 
     With ``resume``, continues from ``OUTPUT_DIR/last.ckpt`` at its iteration, with optimizer,
     scheduler and RNG state; when there is none it says so and starts from MODEL.WEIGHTS.
     """
+    _check_dataset_files(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST))
     module = InstSegModule(cfg)
     data = InstSegDataModule(cfg)
     ckpt_path = last_checkpoint(cfg.OUTPUT_DIR) if resume else None
@@ -217,6 +244,7 @@ def evaluate(cfg, num_gpus: int = 1, per_category: bool = False) -> Dict:
     """COCO evaluation of ``MODEL.WEIGHTS`` on ``DATASETS.TEST[0]``; returns the metrics dict."""
     if not cfg.DATASETS.TEST:
         raise ValueError("DATASETS.TEST is empty: nothing to evaluate")
+    _check_dataset_files(list(cfg.DATASETS.TEST))
     module = InstSegModule(cfg)
     module.per_category = per_category
     _load_initial_weights(module, cfg.MODEL.WEIGHTS)

@@ -12,9 +12,20 @@ from ..modeling import build_model
 from ..modeling.matcher import NonFiniteCostError
 from .optim import build_lr_lambda, build_optimizer
 
-__all__ = ["InstSegModule", "InstSegDataModule"]
+__all__ = ["InstSegModule", "InstSegDataModule", "check_finite_losses"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_finite_losses(losses: Dict[str, torch.Tensor], iteration: int) -> None:
+    """Raise :class:`FloatingPointError` naming the iteration and the first non-finite loss term
+    (with every term's value), instead of letting NaN weights propagate silently."""
+    for name, value in losses.items():
+        if not bool(torch.isfinite(value.detach()).all()):
+            terms = {k: float(v.detach()) for k, v in losses.items()}
+            raise FloatingPointError(
+                f"Loss became non-finite at iteration {iteration}: {name} = {float(value.detach())} (all terms: {terms})"
+            )
 
 
 class InstSegModule(L.LightningModule):
@@ -42,12 +53,7 @@ class InstSegModule(L.LightningModule):
             losses = self.model(batch)
         except NonFiniteCostError as e:
             raise FloatingPointError(f"iteration {it}: {e}") from e
-        for name, value in losses.items():
-            if not torch.isfinite(value).all():
-                raise FloatingPointError(
-                    f"Loss became non-finite at iteration {it}: {name} = {value.detach().float().item()} "
-                    f"(all terms: { {k: float(v.detach()) for k, v in losses.items()} })"
-                )
+        check_finite_losses(losses, it)
         total = sum(losses.values())
         bs = len(batch)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs, sync_dist=False)
