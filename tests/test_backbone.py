@@ -215,6 +215,10 @@ def test_get_norm_and_convert_norm():
     frozen = convert_norm(nn.Sequential(bn), "FrozenBN")[0]
     assert isinstance(frozen, FrozenBatchNorm2d)
     torch.testing.assert_close(frozen(x), bn(x))
+    # AMP: the output keeps the input dtype (no promotion by the float32 buffers)
+    assert frozen(x.half()).dtype == torch.float16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert frozen(nn.functional.conv2d(x, torch.randn(64, 64, 1, 1))).dtype == torch.bfloat16
 
 
 # ------------------------------------------------------------------------------- DCN

@@ -5,7 +5,8 @@ norm inside a library model (torchvision / timm ResNet, MobileNetV2) by the name
 statistics and affine parameters so that pretrained weights survive the conversion.
 
 FrozenBN is torchvision's :class:`~torchvision.ops.misc.FrozenBatchNorm2d` (eps 1e-5, as
-Detectron2's): scale, shift and statistics are *buffers*, so a FrozenBN ResNet-50 has only its
+Detectron2's; subclassed here to keep the input dtype under AMP): scale, shift and statistics are
+*buffers*, so a FrozenBN ResNet-50 has only its
 23,454,912 convolution weights as parameters (``refs/README.md``).
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
+from torchvision.ops.misc import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
 __all__ = ["FrozenBatchNorm2d", "NORM_NAMES", "convert_norm", "freeze_batchnorm", "get_norm", "norm_layer"]
 
@@ -23,6 +24,21 @@ NORM_NAMES = ("", "BN", "SyncBN", "FrozenBN", "GN")
 
 #: Groups of GroupNorm (Detectron2's ``"GN"`` is GroupNorm with 32 groups).
 GN_GROUPS = 32
+
+
+class FrozenBatchNorm2d(_TorchvisionFrozenBN):
+    """torchvision's FrozenBatchNorm2d (buffers ``weight``, ``bias``, ``running_mean``,
+    ``running_var``; eps 1e-5; ``num_batches_tracked`` dropped when loading) whose output keeps the
+    input's dtype, as Detectron2's does: under AMP a float16 input gives a float16 output instead
+    of being promoted to float32 by the float32 buffers.
+
+    Shapes: ``(B, C, H, W)`` -> same shape and dtype.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        bias = self.bias - self.running_mean * scale
+        return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
 
 
 def _check(name: str) -> None:
