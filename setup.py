@@ -10,7 +10,7 @@ setup(
     version="0.1.0",
     description="Train, evaluate and time SparseInst, FastInst, FASSST and QueryInst in one codebase",
     python_requires=">=3.10",
-    packages=find_packages(include=["instseg", "instseg.*", "sparseinst", "sparseinst.*"]),
+    packages=find_packages(include=["instseg", "instseg.*", "sparseinst", "sparseinst.*", "fastinst", "fastinst.*", "queryinst", "queryinst.*", "fassst", "fassst.*"]),
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",
