@@ -31,7 +31,7 @@ def _conv_stack(num_convs: int, in_channels: int, dim: int, deform_last: bool) -
     layers = []
     for i in range(num_convs):
         if deform_last and i == num_convs - 1:
-            layers.append(DeformConv(in_channels, dim, 3, padding=1, modulated=True))
+            layers.append(DeformConv(in_channels, dim, 3, padding=1, modulated=True, bias=True))
         else:
             layers.append(nn.Conv2d(in_channels, dim, 3, padding=1))
         layers.append(nn.ReLU(inplace=True))

@@ -5,21 +5,25 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d
 
 __all__ = ["DeformConv", "coordinate_features"]
 
 
 class DeformConv(nn.Module):
-    """Deformable convolution (DCNv1, or DCNv2 with ``modulated=True``) that owns its offset conv.
+    """Deformable 3x3 convolution (DCNv1, or DCNv2 when ``modulated``) owning its offset conv.
 
-    Wraps :func:`torchvision.ops.deform_conv2d`. ``weight``/``bias`` have the shapes of the plain
-    ``nn.Conv2d`` it replaces; ``offset`` is a conv with ``2*k*k*groups`` (+ ``k*k*groups`` mask
-    channels when modulated) outputs, zero-initialized so that training starts from the plain conv
-    (DCNv2 paper; Detectron2 ``DeformBottleneckBlock``). With zero offsets the unmodulated layer
-    equals the plain conv; the modulated one equals 0.5x it (mask = sigmoid(0)).
+    ``offset`` is an ``nn.Conv2d(in_channels, deformable_groups * (27 if modulated else 18), k,
+    stride, padding, dilation, bias=True)`` initialized to zero, so a fresh layer samples the
+    regular grid. Modulated: like Detectron2's ``ModulatedDeformBottleneckBlock``, the offset
+    conv's output is chunked in three along channels, the first two chunks are the offsets and the
+    mask is ``sigmoid`` of the last third (so a fresh modulated layer gives 0.5 x the plain conv).
 
-    Input ``(B, C_in, H, W)``; output ``(B, C_out, H', W')`` as ``nn.Conv2d`` would give.
+    Computed by :func:`torchvision.ops.deform_conv2d` (CPU and CUDA, no compiled extension).
+
+    Shapes: input ``(B, in_channels, H, W)`` float -> ``(B, out_channels, H', W')`` with the usual
+    convolution output size.
     """
 
     def __init__(
@@ -31,36 +35,79 @@ class DeformConv(nn.Module):
         padding: int = 1,
         dilation: int = 1,
         groups: int = 1,
-        deform_groups: int = 1,
-        bias: bool = True,
+        deformable_groups: int = 1,
         modulated: bool = True,
+        bias: bool = False,
     ):
         super().__init__()
-        if in_channels % groups:
-            raise ValueError("in_channels must be divisible by groups")
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        self.modulated = modulated
-        self.deform_groups = deform_groups
-        k2 = kernel_size * kernel_size
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, kernel_size, kernel_size))
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels ({in_channels}, {out_channels}) not divisible by groups={groups}")
+        k = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
+        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
+        self.groups, self.deformable_groups, self.modulated = groups, deformable_groups, modulated
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, k, k))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.weight, a=1)
+        per_point = 3 if modulated else 2
         self.offset = nn.Conv2d(
-            in_channels, (3 if modulated else 2) * k2 * deform_groups, kernel_size, stride, padding, dilation, bias=True
+            in_channels,
+            deformable_groups * per_point * k * k,
+            kernel_size=k,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=True,
         )
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, modulated: bool = True, deformable_groups: int = 1) -> "DeformConv":
+        """A DeformConv with ``conv``'s geometry and a copy of its weight (and bias)."""
+        layer = cls(
+            conv.in_channels,
+            conv.out_channels,
+            kernel_size=conv.kernel_size[0],
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            deformable_groups=deformable_groups,
+            modulated=modulated,
+            bias=conv.bias is not None,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+        return layer.to(conv.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.offset(x)
         mask = None
         if self.modulated:
-            n = out.shape[1] // 3
-            offset, mask = out[:, : 2 * n], out[:, 2 * n :].sigmoid()
+            off_x, off_y, mask = torch.chunk(out, 3, dim=1)
+            offset = torch.cat((off_x, off_y), dim=1)
+            mask = mask.sigmoid()
         else:
             offset = out
         return deform_conv2d(
-            x, offset, self.weight, self.bias, stride=self.stride, padding=self.padding, dilation=self.dilation, mask=mask
+            x,
+            offset,
+            self.weight,
+            self.bias,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            mask=mask,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, dilation={self.dilation}, deformable_groups={self.deformable_groups}, "
+            f"modulated={self.modulated}, bias={self.bias is not None}"
         )
 
 

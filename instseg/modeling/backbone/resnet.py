@@ -23,8 +23,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torchvision
 from torch import nn
-from torchvision.ops import deform_conv2d
 
+from ..layers import DeformConv
 from ..norm import NORM_NAMES, convert_norm
 from ..registry import BACKBONE_REGISTRY
 from .base import Backbone, ShapeSpec
@@ -52,110 +52,6 @@ PRETRAINED_HINT = (
     "instseg.checkpoint.load_backbone_weights(backbone, '/path/to/imagenet_classifier.pth') "
     "(a torchvision/timm ImageNet state dict)."
 )
-
-
-class DeformConv(nn.Module):
-    """Deformable 3x3 convolution (DCNv1, or DCNv2 when ``modulated``) owning its offset conv.
-
-    ``offset`` is an ``nn.Conv2d(in_channels, deformable_groups * (27 if modulated else 18), k,
-    stride, padding, dilation, bias=True)`` initialized to zero, so a fresh layer samples the
-    regular grid. Modulated: like Detectron2's ``ModulatedDeformBottleneckBlock``, the offset
-    conv's output is chunked in three along channels, the first two chunks are the offsets and the
-    mask is ``sigmoid`` of the last third (so a fresh modulated layer gives 0.5 x the plain conv).
-
-    Computed by :func:`torchvision.ops.deform_conv2d` (CPU and CUDA, no compiled extension).
-
-    Shapes: input ``(B, in_channels, H, W)`` float -> ``(B, out_channels, H', W')`` with the usual
-    convolution output size.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
-        padding: int = 1,
-        dilation: int = 1,
-        groups: int = 1,
-        deformable_groups: int = 1,
-        modulated: bool = True,
-        bias: bool = False,
-    ):
-        super().__init__()
-        if in_channels % groups or out_channels % groups:
-            raise ValueError(f"channels ({in_channels}, {out_channels}) not divisible by groups={groups}")
-        k = kernel_size if isinstance(kernel_size, int) else kernel_size[0]
-        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, k
-        self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
-        self.groups, self.deformable_groups, self.modulated = groups, deformable_groups, modulated
-        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, k, k))
-        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=1)
-        per_point = 3 if modulated else 2
-        self.offset = nn.Conv2d(
-            in_channels,
-            deformable_groups * per_point * k * k,
-            kernel_size=k,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            bias=True,
-        )
-        nn.init.zeros_(self.offset.weight)
-        nn.init.zeros_(self.offset.bias)
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, modulated: bool = True, deformable_groups: int = 1) -> "DeformConv":
-        """A DeformConv with ``conv``'s geometry and a copy of its weight (and bias)."""
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            kernel_size=conv.kernel_size[0],
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            deformable_groups=deformable_groups,
-            modulated=modulated,
-            bias=conv.bias is not None,
-        )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        return layer.to(conv.weight.device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.offset(x)
-        mask = None
-        if self.modulated:
-            off_x, off_y, mask = torch.chunk(out, 3, dim=1)
-            offset = torch.cat((off_x, off_y), dim=1)
-            mask = mask.sigmoid()
-        else:
-            offset = out
-        return deform_conv2d(
-            x,
-            offset,
-            self.weight,
-            self.bias,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            mask=mask,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, dilation={self.dilation}, deformable_groups={self.deformable_groups}, "
-            f"modulated={self.modulated}, bias={self.bias is not None}"
-        )
-
-
-def _pair(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 def freeze_modules(modules: Sequence[nn.Module]) -> None:
