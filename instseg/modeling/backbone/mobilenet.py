@@ -15,10 +15,14 @@ stem         0-1                 16        2
 ===========  ==================  ========  ========
 
 Channels scale with ``width_mult`` (torchvision's rounding to multiples of 8).
+
+``extra_outputs`` (FASSST's "network head", Table 5) additionally returns the output of any
+``features[i]``, ``i`` in 0..18, under a given name; ``features[18]`` (torchvision's final 1x1 conv
+to 1280 channels) is built only when asked for this way.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torchvision
@@ -35,6 +39,8 @@ MOBILENET_STAGES = ("res2", "res3", "res4", "res5")
 # Last ``features`` index of each stage (inclusive) and its stride.
 _STAGE_END = {"stem": 1, "res2": 3, "res3": 6, "res4": 13, "res5": 17}
 _STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
+# Cumulative stride after each ``features[i]``, i = 0..18 (independent of ``width_mult``).
+FEATURE_STRIDES = (2, 2, 4, 4, 8, 8, 8, 16, 16, 16, 16, 16, 16, 16, 32, 32, 32, 32, 32)
 
 
 class MobileNetV2Backbone(Backbone):
@@ -48,11 +54,14 @@ class MobileNetV2Backbone(Backbone):
         freeze_at: 0 none, 1 stem, 2 stem + res2, ... (Detectron2 semantics); frozen batch norms
             become FrozenBN.
         pretrained: ImageNet weights through torchvision (``IMAGENET1K_V1``, width 1.0 only).
+        extra_outputs: optional ``{name: i}``: also return the output of ``features[i]``
+            (``0 <= i <= 18``; stride ``FEATURE_STRIDES[i]``) under ``name`` (not a stage name).
 
     Forward: ``(B, 3, H, W)`` float -> ``{name: (B, C, ceil(H/s), ceil(W/s))}``.
 
     Raises:
-        ValueError: unknown feature / norm, or ``pretrained`` with ``width_mult != 1``.
+        ValueError: unknown feature / norm, ``pretrained`` with ``width_mult != 1``, or an
+            ``extra_outputs`` index outside 0..18 / name clashing with a stage name.
         RuntimeError: ``pretrained`` and the weights cannot be fetched (suggests a local file).
     """
 
@@ -63,8 +72,16 @@ class MobileNetV2Backbone(Backbone):
         out_features: Sequence[str] = ("res3", "res4", "res5"),
         freeze_at: int = 0,
         pretrained: bool = False,
+        extra_outputs: Optional[Mapping[str, int]] = None,
     ):
         super().__init__()
+        extra_outputs = dict(extra_outputs or {})
+        for name, idx in extra_outputs.items():
+            if name in MOBILENET_STAGES or name == "stem":
+                raise ValueError(f"extra_outputs name '{name}' clashes with a stage name")
+            if not 0 <= int(idx) < len(FEATURE_STRIDES):
+                raise ValueError(f"extra_outputs index for '{name}' must be in 0..{len(FEATURE_STRIDES) - 1}, got {idx}")
+        self._extra_outputs = {name: int(idx) for name, idx in extra_outputs.items()}
         out_features = list(out_features)
         if not out_features or any(f not in MOBILENET_STAGES for f in out_features):
             raise ValueError(f"MobileNetV2 out_features must be among {list(MOBILENET_STAGES)}, got {out_features}")
@@ -90,10 +107,12 @@ class MobileNetV2Backbone(Backbone):
                 f"(MODEL.BACKBONE.PRETRAINED True): {type(e).__name__}: {e}. Downloading needs network "
                 f"access. {PRETRAINED_HINT}"
             ) from e
-        last = max(_STAGE_END[f] for f in self._out_features)
+        last = max([_STAGE_END[f] for f in self._out_features] + list(self._extra_outputs.values()))
         features = nn.Sequential(*list(model.features.children())[: last + 1])
         self.features = convert_norm(features, norm)
         self._channels = {f: self.features[_STAGE_END[f]].out_channels for f in self._out_features}
+        for name, idx in self._extra_outputs.items():
+            self._channels[name] = self.features[idx].out_channels
 
         if self.freeze_at > 0:
             stages = self._stage_slices()
@@ -130,16 +149,23 @@ class MobileNetV2Backbone(Backbone):
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """``(B, 3, H, W)`` -> ``{"res3": (B, 32, H/8, W/8), "res4": (B, 96, H/16, W/16),
         "res5": (B, 320, H/32, W/32)}`` (width 1.0; only the requested names)."""
-        ends = {_STAGE_END[f]: f for f in self._out_features}
+        ends: Dict[int, List[str]] = {}
+        for f in self._out_features:
+            ends.setdefault(_STAGE_END[f], []).append(f)
+        for name, idx in self._extra_outputs.items():
+            ends.setdefault(idx, []).append(name)
         outputs: Dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.features):
             x = block(x)
-            if i in ends:
-                outputs[ends[i]] = x
+            for name in ends.get(i, ()):
+                outputs[name] = x
         return outputs
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
-        return {f: ShapeSpec(channels=self._channels[f], stride=_STRIDES[f]) for f in self._out_features}
+        shapes = {f: ShapeSpec(channels=self._channels[f], stride=_STRIDES[f]) for f in self._out_features}
+        for name, idx in self._extra_outputs.items():
+            shapes[name] = ShapeSpec(channels=self._channels[name], stride=FEATURE_STRIDES[idx])
+        return shapes
 
     @property
     def size_divisibility(self) -> int:
