@@ -31,3 +31,15 @@ def coco128(shared_data: Path) -> Path:
     if not (path / "annotations.json").is_file():
         pytest.skip(f"coco128-seg not found at {path}")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped (with a reason) where no CUDA device is visible."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

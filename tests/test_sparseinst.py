@@ -132,3 +132,34 @@ def test_training_losses_and_objectness_switch():
                              "boxes": torch.zeros(0, 4)}
     losses = build_model(_tiny_cfg()).train()(batch)
     assert losses["loss_dice"].item() == 0 and torch.isfinite(losses["loss_ce"])
+
+
+@pytest.mark.parametrize(
+    "config,ref",
+    [
+        ("R50_base.yaml", "sparseinst_r50_base"),
+        ("R50_giam.yaml", "sparseinst_r50_giam"),
+        ("R50_giam_soft.yaml", "sparseinst_r50_giam_soft"),
+        ("R50vd_dcn_giam_aug.yaml", "sparseinst_r50vd_dcn_giam"),
+    ],
+)
+def test_official_checkpoint_converts_onto_every_tensor(config, ref):
+    """A state dict with exactly the official keys and shapes (distinct values per tensor) is
+    converted; every key lands in our model, and every parameter and buffer of ours is filled
+    with the value of the official tensor it came from."""
+    from instseg.checkpoint import load_state_dict_with_report
+    from instseg.convert import convert_with_report, official_keys_from_ref
+
+    shapes = official_keys_from_ref(str(REFS / f"{ref}.json")) if (REFS / f"{ref}.json").is_file() else pytest.skip("refs missing")
+    official = {k: torch.full(s, float(i % 1000) + 0.5) for i, (k, s) in enumerate(shapes.items())}
+    sd, conv_report = convert_with_report(official, "sparseinst")
+    assert not conv_report.dropped  # every official tensor is used (no num_batches_tracked in refs)
+    cfg = setup_cfg(str(REPO / "configs" / "sparseinst" / config), ["MODEL.NUM_CLASSES", "80", "MODEL.DEVICE", "cpu"])
+    model = build_model(cfg)
+    ours = model.state_dict()
+    assert set(sd) == set(ours), (sorted(set(sd) - set(ours))[:5], sorted(set(ours) - set(sd))[:5])
+    report = load_state_dict_with_report(model, sd, strict_shapes=True, source="fake official")
+    assert not report["missing"] and not report["unexpected"] and not report["skipped_shape"]
+    after = model.state_dict()
+    for k, v in sd.items():
+        assert torch.equal(after[k], v.to(after[k].dtype)), k

@@ -79,6 +79,11 @@ class IterationProgressBar(TQDMProgressBar):
     def total_train_batches(self):
         return self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else super().total_train_batches
 
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
         self.train_progress_bar.reset(total=self.total_train_batches)
