@@ -13,11 +13,16 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling.losses import binarized_mask_iou, dice_loss, focal_classification_loss, sigmoid_focal_loss
+from instseg.modeling.losses import (
+    binarized_mask_iou,
+    dice_loss,
+    focal_classification_loss,
+    num_instances_across_ranks,
+    sigmoid_focal_loss,
+)
 from instseg.modeling.matcher import DiceScoreMatcher
 
 __all__ = ["SparseInstCriterion", "prepare_target_masks"]
@@ -98,15 +103,6 @@ class SparseInstCriterion(nn.Module):
             objectness_pred_threshold=s.LOSS.OBJECTNESS_PRED_THRESHOLD,
         )
 
-    @staticmethod
-    def _num_instances(targets: List[Dict[str, torch.Tensor]], device) -> float:
-        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            world = dist.get_world_size()
-        return max(n.item() / world, 1.0)
-
     def forward(
         self, outputs: Dict[str, torch.Tensor], targets: List[Dict[str, torch.Tensor]], padded_size: Tuple[int, int]
     ) -> Dict[str, torch.Tensor]:
@@ -126,7 +122,7 @@ class SparseInstCriterion(nn.Module):
             {"labels": t["labels"], "masks": prepare_target_masks(t["masks"], padded_size, out_size)} for t in targets
         ]
         indices = self.matcher({"pred_logits": logits.detach(), "pred_masks": masks.detach()}, tgts)
-        num_inst = self._num_instances(targets, logits.device)
+        num_inst = num_instances_across_ranks(targets, logits.device)
 
         b, n, k = logits.shape
         target_classes = torch.full((b, n), k, dtype=torch.int64, device=logits.device)
