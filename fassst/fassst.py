@@ -1,0 +1,165 @@
+"""FASSST meta-architecture (Cheng et al., "FASSST: Fast Attention Based Single-Stage
+Segmentation Net for Real-Time Instance Segmentation", WACV 2022; Fig. 3, Fig. 7, Algorithm 1).
+
+Frame ``F`` -> network head -> raw features ``E`` (Eq. 1) -> instance attention module ->
+slot tensor ``I`` ``(B, n, 4 + s)`` (Eq. 2); in parallel the backbone's later layers feed the
+pyramid mask layers; the slots' boxes locate the ROIs on them, RoIAlign + RFF fuse the ROI
+features (Eq. 3-4) and the mask tail (5 convs + 1 deconv) predicts each instance's mask.
+
+Inference (our reading; the paper describes none): per slot, score = max class probability
+(times the confidence when ``IAM.CONFIDENCE``), label = its argmax; slots above
+``SCORE_THRESHOLD`` (0.05), at most ``MAX_DETECTIONS``, no NMS (one-to-one assignment in
+training makes the slots a set; ``NMS_THRESHOLD > 0`` adds class-wise box NMS). Boxes are clipped
+to the image; their ``2S x 2S`` mask probabilities are pasted into the boxes scaled to the
+original image size and thresholded at ``MASK_THRESHOLD`` (0.5). Returned ``boxes`` are the slot
+boxes at the original size.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torchvision.ops import batched_nms
+
+from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, boxes_from_masks
+from instseg.modeling.backbone import build_backbone
+
+from .criterion import FASSSTCriterion
+from .instance_attention import InstanceAttentionModule, tlbr_to_xyxy
+from .mask_tail import MaskTail, paste_masks_in_boxes
+from .rff import PyramidMaskLayers, RoIFeatureFusion
+
+__all__ = ["FASSST"]
+
+
+@META_ARCH_REGISTRY.register()
+class FASSST(MetaArchBase):
+    """``model(batched_inputs)``: training -> dict of weighted scalar losses (``loss_mask``,
+    ``loss_loc``, ``loss_cls``; Eq. 5); eval -> one dict per image with ``scores`` ``(K,)``,
+    ``labels`` int64 ``(K,)``, ``masks`` bool ``(K, height, width)`` and ``boxes`` ``(K, 4)``
+    xyxy pixels at the original size (DESIGN.md data contract).
+
+    Raises:
+        ValueError: ``MODEL.NUM_CLASSES`` not resolved (< 1), ``IAM.IN_FEATURE`` or a
+            ``PYRAMID.IN_FEATURES`` name the backbone does not return, pyramid strides that do not
+            double, or any invalid module option (the message names the key).
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.MODEL.SIZE_DIVISIBILITY)
+        f = cfg.MODEL.FASSST
+        if cfg.MODEL.NUM_CLASSES < 1:
+            raise ValueError(f"MODEL.NUM_CLASSES must be >= 1 (the tools resolve -1 from the dataset), got {cfg.MODEL.NUM_CLASSES}")
+        self.num_classes = cfg.MODEL.NUM_CLASSES
+        self.backbone = build_backbone(cfg)
+        shapes = self.backbone.output_shape()
+        if f.IAM.IN_FEATURE not in shapes:
+            raise ValueError(
+                f"MODEL.FASSST.IAM.IN_FEATURE '{f.IAM.IN_FEATURE}' is not an output of {cfg.MODEL.BACKBONE.NAME} "
+                f"({sorted(shapes)}); 'head' needs build_fassst_mobilenet_v2_backbone"
+            )
+        pyramid = list(f.PYRAMID.IN_FEATURES)
+        missing = [p for p in pyramid if p not in shapes]
+        if missing:
+            raise ValueError(f"MODEL.FASSST.PYRAMID.IN_FEATURES {missing} are not outputs of the backbone ({sorted(shapes)})")
+        if not f.RFF.ENABLED:
+            pyramid = pyramid[:1]  # Table 9 "without": only the first pyramid mask layer is used
+        self.iam_feature = f.IAM.IN_FEATURE
+        self.pyramid_features = pyramid
+        self.iam = InstanceAttentionModule.from_config(cfg, shapes[self.iam_feature].channels)
+        self.mask_layers = PyramidMaskLayers(
+            [shapes[p].channels for p in pyramid], dim=f.PYRAMID.DIM, num_convs=f.PYRAMID.NUM_CONVS, norm=f.PYRAMID.NORM
+        )
+        self.rff = RoIFeatureFusion(
+            [shapes[p].stride for p in pyramid],
+            roi_size=f.RFF.ROI_SIZE,
+            enabled=f.RFF.ENABLED,
+            upsample=f.RFF.UPSAMPLE,
+            sampling_ratio=f.RFF.SAMPLING_RATIO,
+            aligned=f.RFF.ALIGNED,
+        )
+        self.mask_tail = MaskTail.from_config(cfg, f.PYRAMID.DIM)
+        self.criterion = FASSSTCriterion.from_config(cfg)
+        self.score_threshold = f.SCORE_THRESHOLD
+        self.mask_threshold = f.MASK_THRESHOLD
+        self.max_detections = f.MAX_DETECTIONS
+        self.nms_threshold = f.NMS_THRESHOLD
+
+    # ------------------------------------------------------------------ network
+    def _features(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``(B, 3, Hp, Wp)`` -> slot tensor ``I`` ``(B, n, 4 + s)`` and the pyramid mask features
+        ``[(B, d, Hp / s_k, Wp / s_k)]``."""
+        feats = self.backbone(images)
+        slots = self.iam(feats[self.iam_feature])
+        pyramid = self.mask_layers([feats[p] for p in self.pyramid_features])
+        return slots, pyramid
+
+    def predict_masks(self, pyramid: List[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """ROIs ``(K, 5)`` (batch index, xyxy input pixels) -> mask logits ``(K, 2S, 2S)``."""
+        return self.mask_tail(self.rff(pyramid, rois))
+
+    def flops_forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Network only, masks for all ``n`` slots: normalized ``(B, 3, Hp, Wp)`` ->
+        ``{"slots": (B, n, 4 + s), "pred_masks": (B, n, 2S, 2S)}``."""
+        slots, pyramid = self._features(images)
+        b, n = slots.shape[:2]
+        boxes = tlbr_to_xyxy(slots[..., :4].sigmoid(), images.shape[-2], images.shape[-1])
+        batch_idx = torch.arange(b, device=images.device, dtype=boxes.dtype).repeat_interleave(n)
+        rois = torch.cat([batch_idx[:, None], boxes.flatten(0, 1)], dim=1)
+        masks = self.predict_masks(pyramid, rois)
+        return {"slots": slots, "pred_masks": masks.view(b, n, *masks.shape[-2:])}
+
+    # ------------------------------------------------------------------ contract
+    def forward(self, batched_inputs: List[Dict]):
+        images, sizes = self.preprocess_images(batched_inputs)
+        padded = (int(images.shape[-2]), int(images.shape[-1]))
+        slots, pyramid = self._features(images)
+        parts = self.iam.split(slots)
+        if self.training:
+            targets = []
+            for x in batched_inputs:
+                if "instances" not in x:
+                    raise KeyError("training inputs need 'instances' (labels, masks, boxes); got keys " + str(sorted(x)))
+                inst = x["instances"]
+                masks = inst["masks"].to(self.device)
+                boxes = inst["boxes"].to(self.device) if "boxes" in inst else boxes_from_masks(masks)
+                targets.append({"labels": inst["labels"].to(self.device), "masks": masks, "boxes": boxes})
+            return self.criterion(parts, targets, padded, lambda rois: self.predict_masks(pyramid, rois))
+        return self.inference(parts, pyramid, batched_inputs, sizes, padded)
+
+    @torch.no_grad()
+    def inference(self, parts, pyramid, batched_inputs, image_sizes, padded_size) -> List[Dict[str, torch.Tensor]]:
+        probs = parts["class_logits"].float().sigmoid()
+        if parts["confidence_logits"] is not None:
+            probs = probs * parts["confidence_logits"].float().sigmoid()[..., None]
+        boxes_all = tlbr_to_xyxy(parts["box_logits"].float().sigmoid(), padded_size[0], padded_size[1])
+        kept = []
+        for i in range(len(batched_inputs)):
+            h, w = image_sizes[i]
+            scores, labels = probs[i].max(dim=-1)
+            boxes = boxes_all[i].clone()
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            keep = (scores > self.score_threshold).nonzero(as_tuple=True)[0]
+            if self.nms_threshold > 0 and keep.numel():
+                keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_threshold)]
+            keep = keep[scores[keep].argsort(descending=True)][: self.max_detections]
+            kept.append((scores[keep], labels[keep], boxes[keep]))
+        rois = torch.cat(
+            [torch.cat([torch.full((len(b), 1), float(i), device=b.device), b], dim=1) for i, (_, _, b) in enumerate(kept)]
+        )
+        mask_probs = self.predict_masks(pyramid, rois).float().sigmoid() if rois.shape[0] else None
+        results, start = [], 0
+        for i, (x, (scores, labels, boxes)) in enumerate(zip(batched_inputs, kept)):
+            h, w = image_sizes[i]
+            out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
+            k = len(scores)
+            scale = boxes.new_tensor([out_w / w, out_h / h, out_w / w, out_h / h])
+            out_boxes = boxes * scale
+            if k:
+                m = paste_masks_in_boxes(mask_probs[start : start + k], out_boxes, (out_h, out_w)) > self.mask_threshold
+            else:
+                m = torch.zeros((0, out_h, out_w), dtype=torch.bool, device=boxes.device)
+            start += k
+            results.append({"scores": scores, "labels": labels, "masks": m, "boxes": out_boxes})
+        return results
