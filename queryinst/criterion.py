@@ -1,0 +1,217 @@
+"""QueryInst set-prediction losses, every stage supervised (FACTS.md; official ``dii_head.py``,
+``dynamic_mask_head.py``, ``query_roi_head.py``).
+
+Per stage ``t`` (weight 1 each), after Hungarian matching of the stage's own predictions
+(:class:`~instseg.modeling.matcher.BoxSetMatcher`, costs focal 2.0, L1 5.0, GIoU 2.0):
+
+- ``loss_cls``: sigmoid focal loss (alpha 0.25, gamma 2) over all B x N predictions and K classes,
+  unmatched ones against all-zero targets, summed / ``num_pos``; weight 2.0.
+- ``loss_bbox``: L1 between matched xyxy boxes divided by the image ``(w, h, w, h)``, summed /
+  ``num_pos``; weight 5.0.
+- ``loss_giou``: ``1 - GIoU`` of matched pixel boxes, summed / ``num_pos``; weight 2.0.
+- ``loss_mask``: dice (squared denominator, eps 1e-5) between the sigmoid of the GT-class channel
+  of the 28x28 mask logits of each matched query and its target, summed / ``num_pos``; weight 8.0.
+  The mask RoI is the stage's refined box ``b_t`` (detached); the target is the GT mask cropped and
+  resized to that box by RoIAlign (aligned, adaptive sampling) and binarized at 0.5 (mmdetection
+  ``mask_target``).
+
+``num_pos`` is the number of matched predictions in the batch, averaged over DDP ranks, at least 1.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchvision.ops import generalized_box_iou_loss, roi_align
+
+from instseg.modeling.losses import dice_loss, focal_classification_loss
+from instseg.modeling.matcher import BoxSetMatcher
+
+__all__ = ["QueryInstCriterion", "crop_mask_targets"]
+
+
+def crop_mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, gt_indices: torch.Tensor, size: int = 28) -> torch.Tensor:
+    """Crop ground-truth masks to boxes and resize them to ``size x size`` (binary targets).
+
+    Args:
+        gt_masks: ``(M, H, W)`` bool or float masks of one image (input pixels).
+        boxes: ``(R, 4)`` xyxy pixels, the RoIs.
+        gt_indices: ``(R,)`` int64, which GT mask each RoI is compared with.
+        size: output side (28).
+    Returns:
+        ``(R, size, size)`` float32 in {0, 1}: ``roi_align`` of the float mask (aligned, adaptive
+        sampling), thresholded at 0.5.
+    """
+    if boxes.shape[0] == 0:
+        return boxes.new_zeros((0, size, size), dtype=torch.float32)
+    rois = torch.cat([gt_indices.to(boxes.device, torch.float32)[:, None], boxes.float()], dim=1)
+    m = gt_masks.to(boxes.device, torch.float32)[:, None]
+    return (roi_align(m, rois, size, 1.0, 0, True)[:, 0] >= 0.5).float()
+
+
+class QueryInstCriterion(nn.Module):
+    """Matches and computes the weighted losses of every stage.
+
+    Args:
+        num_classes: K.
+        matcher: the box set matcher.
+        class_weight, l1_weight, giou_weight, mask_weight: 2.0, 5.0, 2.0, 8.0.
+        focal_alpha, focal_gamma: 0.25, 2.0.
+        dice_eps: added to the dice denominator (1e-5).
+        mask_size: side of the mask targets (28 = 2 x the 14x14 mask RoI).
+        stage_weights: one weight per stage (all 1.0 officially); empty = 1.0 for every stage.
+
+    Raises:
+        ValueError: a negative loss weight.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: BoxSetMatcher,
+        class_weight: float = 2.0,
+        l1_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        mask_weight: float = 8.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        dice_eps: float = 1e-5,
+        mask_size: int = 28,
+        stage_weights: Sequence[float] = (),
+    ):
+        super().__init__()
+        if min(class_weight, l1_weight, giou_weight, mask_weight) < 0:
+            raise ValueError("loss weights must be >= 0")
+        self.num_classes, self.matcher = num_classes, matcher
+        self.weights = {"loss_cls": class_weight, "loss_bbox": l1_weight, "loss_giou": giou_weight, "loss_mask": mask_weight}
+        self.focal_alpha, self.focal_gamma, self.dice_eps, self.mask_size = focal_alpha, focal_gamma, dice_eps, mask_size
+        self.stage_weights = [float(w) for w in stage_weights]
+
+    @classmethod
+    def from_config(cls, cfg) -> "QueryInstCriterion":
+        q = cfg.MODEL.QUERY_INST
+        return cls(
+            num_classes=cfg.MODEL.NUM_CLASSES,
+            matcher=BoxSetMatcher(q.MATCHER.COST_CLASS, q.MATCHER.COST_L1, q.MATCHER.COST_GIOU,
+                                  q.LOSS.FOCAL_ALPHA, q.LOSS.FOCAL_GAMMA),
+            class_weight=q.LOSS.CLASS_WEIGHT,
+            l1_weight=q.LOSS.L1_WEIGHT,
+            giou_weight=q.LOSS.GIOU_WEIGHT,
+            mask_weight=q.LOSS.MASK_WEIGHT,
+            focal_alpha=q.LOSS.FOCAL_ALPHA,
+            focal_gamma=q.LOSS.FOCAL_GAMMA,
+            dice_eps=q.LOSS.DICE_EPS,
+            mask_size=2 * q.MASK_POOLER_RESOLUTION,
+            stage_weights=q.LOSS.STAGE_WEIGHTS,
+        )
+
+    @staticmethod
+    def num_positives(indices: List[Tuple[torch.Tensor, torch.Tensor]], device) -> float:
+        """Matched predictions in the batch, averaged over DDP ranks, clamped at 1."""
+        n = torch.tensor([float(sum(len(src) for src, _ in indices))], device=device)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            world = dist.get_world_size()
+        return max(n.item() / world, 1.0)
+
+    def box_losses(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        image_whwh: torch.Tensor,
+        targets: Sequence[Dict[str, torch.Tensor]],
+        indices: List[Tuple[torch.Tensor, torch.Tensor]],
+        num_pos: float,
+    ) -> Dict[str, torch.Tensor]:
+        """Unweighted ``loss_cls``, ``loss_bbox``, ``loss_giou`` of one stage.
+
+        Args:
+            logits: ``(B, N, K)``; boxes: ``(B, N, 4)`` xyxy pixels; image_whwh: ``(B, 4)``.
+            targets: per image ``labels`` ``(M,)``, ``boxes`` ``(M, 4)``.
+            indices: the matcher's per-image ``(pred_idx, tgt_idx)``.
+        """
+        b, n, k = logits.shape
+        dev = logits.device
+        target_classes = torch.full((b, n), k, dtype=torch.int64, device=dev)
+        src_boxes, tgt_boxes, norms = [], [], []
+        for i, (src, tgt) in enumerate(indices):
+            src, tgt = src.to(dev), tgt.to(dev)
+            target_classes[i, src] = targets[i]["labels"][tgt]
+            src_boxes.append(boxes[i][src])
+            tgt_boxes.append(targets[i]["boxes"][tgt].to(boxes.dtype))
+            norms.append(image_whwh[i].expand(len(src), 4))
+        losses = {
+            "loss_cls": focal_classification_loss(logits.flatten(0, 1), target_classes.flatten(),
+                                                  self.focal_alpha, self.focal_gamma) / num_pos
+        }
+        src_boxes, tgt_boxes, norms = torch.cat(src_boxes).float(), torch.cat(tgt_boxes).float(), torch.cat(norms).float()
+        if src_boxes.shape[0] == 0:
+            zero = boxes.sum() * 0.0
+            losses["loss_bbox"], losses["loss_giou"] = zero, zero
+        else:
+            losses["loss_bbox"] = (src_boxes / norms - tgt_boxes / norms).abs().sum() / num_pos
+            losses["loss_giou"] = generalized_box_iou_loss(src_boxes, tgt_boxes, reduction="sum") / num_pos
+        return losses
+
+    def mask_loss(self, mask_logits: torch.Tensor, labels: torch.Tensor, mask_targets: torch.Tensor, num_pos: float) -> torch.Tensor:
+        """Unweighted dice on the GT-class channel: ``mask_logits`` ``(R, K, S, S)``, ``labels``
+        ``(R,)``, ``mask_targets`` ``(R, S, S)`` -> scalar (summed / ``num_pos``)."""
+        if mask_logits.shape[0] == 0:
+            return mask_logits.sum() * 0.0
+        pred = mask_logits[torch.arange(mask_logits.shape[0], device=mask_logits.device), labels]
+        return dice_loss(pred.flatten(1), mask_targets.flatten(1), squared=True, eps_den=self.dice_eps, reduction="sum") / num_pos
+
+    def forward(
+        self,
+        roi_head: nn.Module,
+        features: List[torch.Tensor],
+        stage_outputs: List[Dict[str, torch.Tensor]],
+        image_sizes: torch.Tensor,
+        targets: Sequence[Dict[str, torch.Tensor]],
+    ) -> Dict[str, torch.Tensor]:
+        """Weighted losses of every stage, named ``stage{t}_loss_{cls,bbox,giou,mask}``.
+
+        Args:
+            roi_head: the :class:`~queryinst.roi_head.QueryRoIHead` (runs the mask heads on the
+                matched queries).
+            features: FPN maps; stage_outputs: ``roi_head.forward_boxes``'s list.
+            image_sizes: ``(B, 2)`` unpadded ``(h, w)``.
+            targets: per image ``labels`` int64 ``(M,)``, ``boxes`` ``(M, 4)`` xyxy pixels,
+                ``masks`` bool ``(M, h, w)`` at the unpadded input size.
+        Raises:
+            ValueError: ``STAGE_WEIGHTS`` has a length other than the number of stages.
+        """
+        num_stages = len(stage_outputs)
+        stage_w = self.stage_weights or [1.0] * num_stages
+        if len(stage_w) != num_stages:
+            raise ValueError(f"LOSS.STAGE_WEIGHTS has {len(stage_w)} values for {num_stages} stages")
+        wh = image_sizes.flip(-1).float()
+        whwh = torch.cat([wh, wh], dim=-1)
+        losses: Dict[str, torch.Tensor] = {}
+        for t, out in enumerate(stage_outputs):
+            logits, boxes = out["logits"], out["boxes"]
+            indices = self.matcher(logits.detach(), boxes.detach(), whwh, targets)
+            num_pos = self.num_positives(indices, logits.device)
+            stage_losses = self.box_losses(logits, boxes, whwh.to(boxes.device), targets, indices, num_pos)
+
+            dev = boxes.device
+            pos_boxes = [boxes[i].detach()[src.to(dev)] for i, (src, _) in enumerate(indices)]
+            if sum(len(pb) for pb in pos_boxes) == 0:
+                # keep every mask parameter (and the mask queries' own MSA/embedding, Table 6) in
+                # the graph with a zero loss, as DDP needs
+                zero = sum(p.sum() for p in roi_head.mask_heads[t].parameters()) + out["mask_queries"].sum()
+                stage_losses["loss_mask"] = zero * 0.0
+            else:
+                mask_logits = roi_head.forward_masks(t, features, pos_boxes, [src for src, _ in indices], stage_outputs)
+                labels = torch.cat([targets[i]["labels"][tgt.to(dev)] for i, (_, tgt) in enumerate(indices)])
+                mask_targets = torch.cat([
+                    crop_mask_targets(targets[i]["masks"], pos_boxes[i], tgt.to(dev), self.mask_size)
+                    for i, (_, tgt) in enumerate(indices)
+                ])
+                stage_losses["loss_mask"] = self.mask_loss(mask_logits, labels, mask_targets, num_pos)
+            for name, value in stage_losses.items():
+                losses[f"stage{t}_{name}"] = value * self.weights[name] * stage_w[t]
+        return losses
