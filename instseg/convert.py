@@ -100,8 +100,10 @@ class ModelKeyTable:
 
 
 #: Per-model tables. SparseInst: our modules use the official names (``encoder.*``,
-#: ``decoder.*``). FastInst: identity on ``sem_seg_head.*`` until our FastInst modules exist
-#: (refine the pairs there, e.g. ``("sem_seg_head.predictor.", "decoder.")``).
+#: ``decoder.*``). FastInst: ours keep the official layout too (``sem_seg_head.pixel_decoder.*`` =
+#: :class:`instseg.modeling.encoders.PPMFPN`, ``sem_seg_head.predictor.*`` = the dual-path decoder,
+#: including its reference to the criterion, ``sem_seg_head.predictor.criterion.empty_weight``),
+#: so the pairs are identities; the top-level ``criterion.*`` copy of the loss buffer is dropped.
 MODEL_KEY_TABLES: Dict[str, ModelKeyTable] = {
     "sparseinst": ModelKeyTable(prefixes=(("encoder.", "encoder."), ("decoder.", "decoder.")), drop=("criterion.",)),
     "fastinst": ModelKeyTable(

@@ -1,0 +1,184 @@
+"""FastInst losses (main paper, "loss function"; official ``fastinst/modeling/criterion.py``, FACTS.md).
+
+For the final predictions and, with deep supervision, for every auxiliary prediction (the GT-mask
+guided ones first, then the initial queries' and the intermediate layers'):
+
+* ``loss_ce``: softmax cross-entropy over K + 1 classes for all N_a queries (unmatched ones ->
+  no object), the no-object class weighted by ``NO_OBJECT_WEIGHT`` (0.1) in a weighted mean; x 2.0.
+* ``loss_mask``: binary cross-entropy of the matched masks on ``TRAIN_NUM_POINTS`` (12,544)
+  importance-sampled points (oversample 3.0, importance 0.75; PointRend), mean over points, summed
+  over matches and divided by the number of GT instances (all-reduced over DDP ranks, >= 1); x 5.0.
+* ``loss_dice``: dice loss with +1 smoothing on the same points, summed / instances; x 5.0.
+
+Once per image batch, for the IA-guided query classifier (Table I "B"):
+
+* ``loss_proposal``: cross-entropy over every E4 pixel of the auxiliary classifier; the pixels
+  Hungarian-matched to a GT instance (class + location cost, :meth:`MaskLocationMatcher.match_pixels`)
+  take its class, all others the no-object class; unweighted mean; x 20.0.
+
+Auxiliary terms are named ``<loss>_<i>`` (official naming). All losses are returned already
+multiplied by their weights.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from instseg.modeling.losses import calculate_uncertainty, dice_loss, point_sample, uncertain_point_coords_with_randomness
+from instseg.modeling.matcher import MaskLocationMatcher
+
+__all__ = ["FastInstCriterion"]
+
+_Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+class FastInstCriterion(nn.Module):
+    """Computes the weighted FastInst losses.
+
+    Args:
+        num_classes: K.
+        matcher: :class:`instseg.modeling.matcher.MaskLocationMatcher` (costs class 2, mask 5,
+            dice 5, location 1000).
+        class_weight, mask_weight, dice_weight, proposal_weight: 2.0, 5.0, 5.0, 20.0.
+        no_object_weight: CE weight of the no-object class (0.1).
+        num_points, oversample_ratio, importance_sample_ratio: 12,544, 3.0, 0.75.
+        deep_supervision: also supervise ``aux_outputs``.
+
+    The buffer ``empty_weight`` ``(K + 1,)`` holds the CE class weights (official key).
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        matcher: MaskLocationMatcher,
+        class_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        proposal_weight: float = 20.0,
+        no_object_weight: float = 0.1,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        deep_supervision: bool = True,
+    ):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher
+        self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight,
+                        "loss_proposal": proposal_weight}
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.deep_supervision = deep_supervision
+        empty_weight = torch.ones(num_classes + 1)
+        empty_weight[-1] = no_object_weight
+        self.register_buffer("empty_weight", empty_weight)
+
+    @classmethod
+    def from_config(cls, cfg) -> "FastInstCriterion":
+        fi = cfg.MODEL.FASTINST
+        matcher = MaskLocationMatcher(
+            cost_class=fi.CLASS_WEIGHT,
+            cost_mask=fi.MASK_WEIGHT,
+            cost_dice=fi.DICE_WEIGHT,
+            cost_location=fi.LOCATION_WEIGHT,
+            num_points=fi.TRAIN_NUM_POINTS,
+        )
+        return cls(
+            cfg.MODEL.NUM_CLASSES,
+            matcher,
+            class_weight=fi.CLASS_WEIGHT,
+            mask_weight=fi.MASK_WEIGHT,
+            dice_weight=fi.DICE_WEIGHT,
+            proposal_weight=fi.PROPOSAL_WEIGHT,
+            no_object_weight=fi.NO_OBJECT_WEIGHT,
+            num_points=fi.TRAIN_NUM_POINTS,
+            oversample_ratio=fi.OVERSAMPLE_RATIO,
+            importance_sample_ratio=fi.IMPORTANCE_SAMPLE_RATIO,
+            deep_supervision=fi.DEEP_SUPERVISION,
+        )
+
+    @staticmethod
+    def _num_masks(targets: Sequence[Dict[str, torch.Tensor]], device) -> float:
+        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        world = 1
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(n)
+            world = dist.get_world_size()
+        return max(n.item() / world, 1.0)
+
+    def loss_labels(self, logits: torch.Tensor, targets, indices: _Indices) -> torch.Tensor:
+        """Weighted softmax CE; ``logits`` ``(B, N, K + 1)``."""
+        b, n, _ = logits.shape
+        target_classes = torch.full((b, n), self.num_classes, dtype=torch.int64, device=logits.device)
+        for i, (src, tgt) in enumerate(indices):
+            target_classes[i, src.to(logits.device)] = targets[i]["labels"][tgt.to(logits.device)]
+        return F.cross_entropy(logits.float().transpose(1, 2), target_classes, self.empty_weight.float())
+
+    def loss_masks(self, masks: torch.Tensor, targets, indices: _Indices, num_masks: float) -> Dict[str, torch.Tensor]:
+        """Point-sampled BCE and dice; ``masks`` ``(B, N, h, w)`` logits, target masks
+        ``(M, Hp, Wp)`` at the padded input (same normalized extent)."""
+        src = [masks[i][s.to(masks.device)] for i, (s, _) in enumerate(indices)]
+        tgt = [targets[i]["masks"][t.to(masks.device)] for i, (_, t) in enumerate(indices)]
+        src_masks = torch.cat(src).float()[:, None] if src else masks.new_zeros((0, 1) + tuple(masks.shape[-2:]))
+        if src_masks.shape[0] == 0:
+            zero = masks.sum() * 0.0
+            return {"loss_mask": zero, "loss_dice": zero}
+        tgt_masks = torch.cat(tgt).float()[:, None]
+        with torch.no_grad():
+            coords = uncertain_point_coords_with_randomness(
+                src_masks, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
+            )
+            point_labels = point_sample(tgt_masks, coords)[:, 0]
+        point_logits = point_sample(src_masks, coords)[:, 0]
+        bce = F.binary_cross_entropy_with_logits(point_logits, point_labels, reduction="none").mean(1).sum() / num_masks
+        dice = dice_loss(point_logits, point_labels, squared=False, eps_num=1.0, eps_den=1.0, reduction="sum") / num_masks
+        return {"loss_mask": bce, "loss_dice": dice}
+
+    def loss_proposals(self, proposal_logits: torch.Tensor, targets) -> torch.Tensor:
+        """CE over every pixel of the ``(B, K + 1, h, w)`` auxiliary classifier map."""
+        indices = self.matcher.match_pixels(proposal_logits, targets)
+        b, _, h, w = proposal_logits.shape
+        target_classes = torch.full((b, h * w), self.num_classes, dtype=torch.int64, device=proposal_logits.device)
+        for i, (src, tgt) in enumerate(indices):
+            target_classes[i, src.to(target_classes.device)] = targets[i]["labels"][tgt.to(target_classes.device)]
+        return F.cross_entropy(proposal_logits.float().flatten(2), target_classes)
+
+    def _match(self, out: Dict, targets, locations) -> _Indices:
+        if out.get("indices") is not None:
+            return out["indices"]
+        return self.matcher(out["pred_logits"].detach(), out["pred_masks"].detach(), targets, locations)
+
+    def forward(self, outputs: Dict, targets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            outputs: the decoder's training output (``pred_logits``, ``pred_masks``,
+                ``proposal_logits``, ``query_locations``, ``aux_outputs``, ``matching_indices``).
+            targets: per image ``"labels"`` int64 ``(M,)`` and ``"masks"`` bool ``(M, Hp, Wp)``
+                zero-padded to the padded input.
+
+        Returns:
+            weighted scalar losses ``loss_ce``, ``loss_mask``, ``loss_dice``, ``<name>_<i>`` for the
+            auxiliary predictions and ``loss_proposal`` (IA-guided queries only).
+        """
+        device = outputs["pred_logits"].device
+        num_masks = self._num_masks(targets, device)
+        locations = outputs.get("query_locations")
+        final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"],
+                 "indices": outputs.get("matching_indices")}
+        groups: List[Tuple[str, Dict]] = [("", final)]
+        if self.deep_supervision:
+            groups += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
+        losses: Dict[str, torch.Tensor] = {}
+        for suffix, out in groups:
+            indices = self._match(out, targets, locations)
+            losses["loss_ce" + suffix] = self.loss_labels(out["pred_logits"], targets, indices) * self.weights["loss_ce"]
+            for name, value in self.loss_masks(out["pred_masks"], targets, indices, num_masks).items():
+                losses[name + suffix] = value * self.weights[name]
+        if outputs.get("proposal_logits") is not None:
+            losses["loss_proposal"] = self.loss_proposals(outputs["proposal_logits"], targets) * self.weights["loss_proposal"]
+        return losses
