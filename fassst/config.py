@@ -86,10 +86,15 @@ def add_fassst_config(cfg) -> None:
     fa.LOSS.TRAIN_BOXES = "predicted"
 
     # Hungarian assignment of ground truth to the n slots (reading: the paper names no matcher).
-    # cost = CLASS_WEIGHT * focal class cost + LOC_WEIGHT * L_l (the same localization loss).
+    # cost = CLASS_WEIGHT * focal class cost + LOC_WEIGHT * location cost + GIOU_WEIGHT * (-GIoU)
+    # (class and location weights = lambda_c and lambda_l of Eq. 5).
     fa.MATCHER = CN()
     fa.MATCHER.CLASS_WEIGHT = 1.25
     fa.MATCHER.LOC_WEIGHT = 3.0
+    # "l1": L1 distance of the normalized (t, l, b, r) (DETR / Sparse R-CNN); "focal": L_l itself
+    # (its values are small, so the class cost then decides most assignments).
+    fa.MATCHER.LOC_COST = "l1"
+    fa.MATCHER.GIOU_WEIGHT = 0.0
 
     # Inference.
     fa.SCORE_THRESHOLD = 0.05

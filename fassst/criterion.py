@@ -8,10 +8,13 @@ Reading of the paper (docs/fassst.md; each a key of ``MODEL.FASSST.LOSS`` / ``MA
 
 * Assignment: the paper does not say how ground truth reaches the slots; we use a one-to-one
   Hungarian assignment (:func:`instseg.modeling.matcher.hungarian_assign`) with the cost
-  ``MATCHER.CLASS_WEIGHT * C_cls + MATCHER.LOC_WEIGHT * C_loc`` (1.25 and 3, the loss weights):
-  ``C_cls`` is the focal classification cost at the target class
-  (:func:`instseg.modeling.losses.focal_cost_matrix`), ``C_loc`` the localization loss ``L_l``
-  between the slot's and the instance's ``(t, l, b, r)``. The mask term is left out of the cost
+  ``MATCHER.CLASS_WEIGHT * C_cls + MATCHER.LOC_WEIGHT * C_loc + MATCHER.GIOU_WEIGHT * (-GIoU)``
+  (1.25, 3 and 0; the first two are the loss weights of Eq. 5): ``C_cls`` is the focal
+  classification cost at the target class (:func:`instseg.modeling.losses.focal_cost_matrix`),
+  ``C_loc`` the L1 distance between the slot's and the instance's normalized ``(t, l, b, r)``
+  (``MATCHER.LOC_COST = "l1"``, DETR / Sparse R-CNN) or ``L_l`` itself (``"focal"``; its values
+  are so small that the class cost then decides most assignments, and training from scratch on
+  varied images drifted: the location loss rose). The mask term is left out of the cost
   (a slot's mask is only defined inside its own box, so a pairwise mask cost would need every
   ground truth cropped into every slot's box).
 * ``L_c``: sigmoid focal loss (alpha 0.25, gamma 2) of every slot's class logits against one-hot
@@ -51,6 +54,7 @@ __all__ = [
 ]
 
 LOC_LOSSES = ("focal", "l1", "giou")
+LOC_COSTS = ("l1", "focal")
 TRAIN_BOXES = ("predicted", "gt", "predicted+gt")
 
 
@@ -96,7 +100,8 @@ class FASSSTCriterion(nn.Module):
         focal_alpha, focal_gamma: class focal loss.
         dice_squared, dice_eps: Dice of Eq. 6 (``sum p + sum g`` denominator, smoothing 1).
         train_boxes: ``"predicted"``, ``"gt"`` or ``"predicted+gt"``.
-        matcher_class_weight, matcher_loc_weight: cost weights.
+        matcher_class_weight, matcher_loc_weight, matcher_giou_weight: cost weights.
+        matcher_loc_cost: ``"l1"`` or ``"focal"`` (module docstring).
     """
 
     def __init__(
@@ -114,12 +119,16 @@ class FASSSTCriterion(nn.Module):
         train_boxes: str = "predicted",
         matcher_class_weight: float = 1.25,
         matcher_loc_weight: float = 3.0,
+        matcher_loc_cost: str = "l1",
+        matcher_giou_weight: float = 0.0,
     ):
         super().__init__()
         if loc_loss not in LOC_LOSSES:
             raise ValueError(f"MODEL.FASSST.LOSS.LOC_LOSS must be one of {LOC_LOSSES}, got '{loc_loss}'")
         if train_boxes not in TRAIN_BOXES:
             raise ValueError(f"MODEL.FASSST.LOSS.TRAIN_BOXES must be one of {TRAIN_BOXES}, got '{train_boxes}'")
+        if matcher_loc_cost not in LOC_COSTS:
+            raise ValueError(f"MODEL.FASSST.MATCHER.LOC_COST must be one of {LOC_COSTS}, got '{matcher_loc_cost}'")
         self.num_classes = int(num_classes)
         self.weights = {"loss_mask": mask_weight, "loss_loc": loc_weight, "loss_cls": class_weight}
         self.loc_loss, self.loc_focal_gamma = loc_loss, loc_focal_gamma
@@ -127,6 +136,7 @@ class FASSSTCriterion(nn.Module):
         self.dice_squared, self.dice_eps = dice_squared, dice_eps
         self.train_boxes = train_boxes
         self.matcher_class_weight, self.matcher_loc_weight = matcher_class_weight, matcher_loc_weight
+        self.matcher_loc_cost, self.matcher_giou_weight = matcher_loc_cost, matcher_giou_weight
 
     @classmethod
     def from_config(cls, cfg) -> "FASSSTCriterion":
@@ -145,20 +155,24 @@ class FASSSTCriterion(nn.Module):
             train_boxes=f.LOSS.TRAIN_BOXES,
             matcher_class_weight=f.MATCHER.CLASS_WEIGHT,
             matcher_loc_weight=f.MATCHER.LOC_WEIGHT,
+            matcher_loc_cost=f.MATCHER.LOC_COST,
+            matcher_giou_weight=f.MATCHER.GIOU_WEIGHT,
         )
 
     # ------------------------------------------------------------------ localization
-    def _loc_pairwise(self, box_logits: torch.Tensor, tgt_tlbr: torch.Tensor) -> torch.Tensor:
-        """``(N, 4)`` slot logits x ``(M, 4)`` targets -> ``(N, M)`` localization loss."""
+    def _loc_cost(self, box_logits: torch.Tensor, tgt_tlbr: torch.Tensor) -> torch.Tensor:
+        """``(N, 4)`` slot logits x ``(M, 4)`` targets -> ``(N, M)`` location cost and ``(N, M)``
+        negative GIoU (unweighted)."""
         n, m = box_logits.shape[0], tgt_tlbr.shape[0]
-        if self.loc_loss == "focal":
-            lg = box_logits[:, None, :].expand(n, m, 4)
-            tg = tgt_tlbr[None, :, :].expand(n, m, 4)
-            return focal_coordinate_loss(lg, tg, self.loc_focal_gamma).sum(-1)
         p = box_logits.float().sigmoid()
-        if self.loc_loss == "l1":
-            return torch.cdist(p, tgt_tlbr.float(), p=1)
-        return 1.0 - generalized_box_iou(tlbr_to_xyxy(p, 1.0, 1.0), tlbr_to_xyxy(tgt_tlbr.float(), 1.0, 1.0))
+        if self.matcher_loc_cost == "focal":
+            lg = box_logits.float()[:, None, :].expand(n, m, 4)
+            tg = tgt_tlbr.float()[None, :, :].expand(n, m, 4)
+            loc = focal_coordinate_loss(lg, tg, self.loc_focal_gamma).sum(-1)
+        else:
+            loc = torch.cdist(p, tgt_tlbr.float(), p=1)
+        giou = generalized_box_iou(tlbr_to_xyxy(p, 1.0, 1.0), tlbr_to_xyxy(tgt_tlbr.float(), 1.0, 1.0))
+        return loc, -giou
 
     def _loc_matched(self, box_logits: torch.Tensor, tgt_tlbr: torch.Tensor) -> torch.Tensor:
         """Row-wise localization loss ``(K,)`` of matched pairs."""
@@ -191,9 +205,13 @@ class FASSSTCriterion(nn.Module):
                     empty = torch.empty(0, dtype=torch.int64)
                     out.append((empty, empty.clone()))
                     continue
-                cost = self.matcher_class_weight * focal_cost_matrix(
-                    class_logits[b].float(), t["labels"], self.focal_alpha, self.focal_gamma
-                ) + self.matcher_loc_weight * self._loc_pairwise(box_logits[b].float(), t["tlbr"])
+                loc, neg_giou = self._loc_cost(box_logits[b], t["tlbr"])
+                cost = (
+                    self.matcher_class_weight
+                    * focal_cost_matrix(class_logits[b].float(), t["labels"], self.focal_alpha, self.focal_gamma)
+                    + self.matcher_loc_weight * loc
+                    + self.matcher_giou_weight * neg_giou
+                )
                 out.append(hungarian_assign(cost, name="FASSST class + localization cost"))
         return out
 
