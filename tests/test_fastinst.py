@@ -324,6 +324,10 @@ def test_inference_top_k_pairs_and_mask_rescoring():
     assert 0.9 * top.values[q1] < res["scores"][q1] < top.values[q1]  # mean mask probability inside < 1
     q3 = (top.indices // 3).tolist().index(3)
     assert not res["masks"][q3].any() and res["scores"][q3] == 0  # empty mask -> score 0
+    # top-2 = two different queries (no duplicate): same masks and scores as in the top-5
+    model.max_detections = 2
+    res2 = model.inference({"pred_logits": logits, "pred_masks": masks}, [{"height": 32, "width": 32}], [(32, 32)], (32, 32))[0]
+    assert torch.equal(res2["masks"], res["masks"][:2]) and torch.allclose(res2["scores"], res["scores"][:2])
     q0 = (top.indices // 3).tolist().index(0)
     assert abs(res["scores"][q0] / top.values[q0] - torch.sigmoid(torch.tensor(0.5))) < 0.02
 
