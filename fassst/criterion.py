@@ -34,13 +34,13 @@ from __future__ import annotations
 from typing import Callable, Dict, List, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou, generalized_box_iou_loss, roi_align, sigmoid_focal_loss
 
 from instseg.modeling.losses import dice_loss, focal_classification_loss, focal_cost_matrix
 from instseg.modeling.matcher import hungarian_assign
+from instseg.modeling.losses.normalizer import num_instances_across_ranks
 
 from .instance_attention import tlbr_to_xyxy
 
@@ -215,15 +215,6 @@ class FASSSTCriterion(nn.Module):
                 out.append(hungarian_assign(cost, name="FASSST class + localization cost"))
         return out
 
-    @staticmethod
-    def _num_instances(targets: List[Dict[str, torch.Tensor]], device) -> float:
-        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            world = dist.get_world_size()
-        return max(n.item() / world, 1.0)
-
     # ------------------------------------------------------------------ losses
     def forward(
         self,
@@ -251,7 +242,7 @@ class FASSSTCriterion(nn.Module):
             {"labels": t["labels"].to(device), "tlbr": normalized_tlbr(t["boxes"].to(device), padded_size)} for t in targets
         ]
         indices = self.match(box_logits.detach(), class_logits.detach(), tgts)
-        num_inst = self._num_instances(targets, device)
+        num_inst = num_instances_across_ranks(targets, device)
 
         b, n, k = class_logits.shape
         target_classes = torch.full((b, n), k, dtype=torch.int64, device=device)
