@@ -4,6 +4,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from .dice import dice_coefficient_matrix, dice_loss
 from .focal import focal_classification_loss, focal_cost_matrix, sigmoid_focal_loss
+from .normalizer import num_instances_across_ranks
 from .objectness import binarized_mask_iou
 from .point_sample import calculate_uncertainty, point_sample, uncertain_point_coords_with_randomness
 
@@ -16,6 +17,7 @@ __all__ = [
     "focal_classification_loss",
     "focal_cost_matrix",
     "generalized_box_iou_loss",
+    "num_instances_across_ranks",
     "point_sample",
     "sigmoid_focal_loss",
     "uncertain_point_coords_with_randomness",
