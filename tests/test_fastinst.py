@@ -396,7 +396,7 @@ def test_training_on_real_images_loss_falls(shared_data, tmp_path):
     losses = {int(r["step"]): float(r["train/total_loss"]) for r in rows if r.get("train/total_loss")}
     steps = sorted(losses)
     assert len(steps) == 12
-    first = sum(losses[s] for s in steps[:3]) / 3
-    last = sum(losses[s] for s in steps[-3:]) / 3
-    assert last < 0.75 * first, (first, last)
+    first3 = sum(losses[s] for s in steps[:3]) / 3
+    last3 = sum(losses[s] for s in steps[-3:]) / 3
+    assert last3 < 0.7 * losses[steps[0]] and last3 < first3, (losses[steps[0]], first3, last3)
     assert (tmp_path / "model_final.ckpt").is_file()
