@@ -24,11 +24,11 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from instseg.modeling.losses import calculate_uncertainty, dice_loss, point_sample, uncertain_point_coords_with_randomness
+from instseg.modeling.losses.normalizer import num_instances_across_ranks
 from instseg.modeling.matcher import MaskLocationMatcher
 
 __all__ = ["FastInstCriterion"]
@@ -102,15 +102,6 @@ class FastInstCriterion(nn.Module):
             deep_supervision=fi.DEEP_SUPERVISION,
         )
 
-    @staticmethod
-    def _num_masks(targets: Sequence[Dict[str, torch.Tensor]], device) -> float:
-        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            world = dist.get_world_size()
-        return max(n.item() / world, 1.0)
-
     def loss_labels(self, logits: torch.Tensor, targets, indices: _Indices) -> torch.Tensor:
         """Weighted softmax CE; ``logits`` ``(B, N, K + 1)``."""
         b, n, _ = logits.shape
@@ -166,7 +157,7 @@ class FastInstCriterion(nn.Module):
             auxiliary predictions and ``loss_proposal`` (IA-guided queries only).
         """
         device = outputs["pred_logits"].device
-        num_masks = self._num_masks(targets, device)
+        num_masks = num_instances_across_ranks(targets, device)
         locations = outputs.get("query_locations")
         final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"],
                  "indices": outputs.get("matching_indices")}
