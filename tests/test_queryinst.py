@@ -321,6 +321,10 @@ def test_parameter_count_matches_the_official_module_definitions():
     fpn = sum(ci * c + c for ci in (256, 512, 1024, 2048)) + 4 * (9 * c * c + c)
     assert _n(model.backbone.fpn) == fpn == 3_344_384
     assert _n(model) == 23_454_912 + fpn + 100 * (4 + c) + 6 * (dii + mask) == 172_635_688
+    # mmdetection's ResNet keeps the affine of its 53 BN layers (26,560 channels) as parameters:
+    # with BN everywhere (nothing frozen into FrozenBN) the counts are equal, 172,688,808.
+    bn_model = build_model(setup_cfg(CFG, ["MODEL.NUM_CLASSES", "80", "MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0"]))
+    assert _n(bn_model) == _n(model) + 2 * 26_560 == 172_688_808
 
 
 def test_num_classes_from_one_place():
