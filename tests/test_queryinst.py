@@ -414,6 +414,6 @@ def test_short_real_data_training_loss_falls(shared_data):
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        totals.append(float(total))
+        totals.append(total.item())
     assert all(math.isfinite(t) for t in totals)
     assert sum(totals[-3:]) / 3 < 0.8 * sum(totals[:3]) / 3, totals
