@@ -15,7 +15,8 @@ Per stage ``t`` (weight 1 each), after Hungarian matching of the stage's own pre
   resized to that box by RoIAlign (aligned, adaptive sampling) and binarized at 0.5 (mmdetection
   ``mask_target``).
 
-``num_pos`` is the number of matched predictions in the batch, averaged over DDP ranks, at least 1.
+``num_pos`` is the number of matched predictions in the batch (``min(N, #GT)`` per image), averaged
+over DDP ranks, at least 1.
 """
 from __future__ import annotations
 
@@ -181,9 +182,10 @@ class QueryInstCriterion(nn.Module):
         wh = image_sizes.flip(-1).float()
         whwh = torch.cat([wh, wh], dim=-1)
         losses: Dict[str, torch.Tensor] = {}
-        # Every ground truth is matched once when N >= #GT (always true at N = 100 / 300), so the
-        # number of positives equals the number of instances (mmdet's avg_factor = reduce_mean(num_pos)).
-        num_pos = num_instances_across_ranks(targets, stage_outputs[0]["logits"].device)
+        # The one-to-one matching makes min(N, #GT) positives per image in every stage
+        # (mmdet's avg_factor = reduce_mean(num_pos)).
+        logits0 = stage_outputs[0]["logits"]
+        num_pos = num_instances_across_ranks(targets, logits0.device, max_per_image=logits0.shape[1])
         for t, out in enumerate(stage_outputs):
             logits, boxes = out["logits"], out["boxes"]
             indices = self.matcher(logits.detach(), boxes.detach(), whwh, targets)

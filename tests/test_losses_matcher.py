@@ -131,3 +131,17 @@ def test_matcher_costs_in_float32_under_half_inputs():
     out = DiceScoreMatcher()({"pred_logits": logits, "pred_masks": masks},
                              [{"labels": torch.tensor([1]), "masks": torch.ones(1, 4, 4)}])
     assert out[0][0].numel() == 1
+
+
+def test_num_instances_across_ranks_counts_and_caps():
+    """Single process: the count is the plain sum of instances, at least 1; ``max_per_image``
+    caps each image at N (one-to-one matching yields min(N, #GT) positives)."""
+    from instseg.modeling.losses.normalizer import num_instances_across_ranks
+
+    targets = [{"labels": torch.zeros(k, dtype=torch.int64)} for k in (3, 0, 150)]
+    assert num_instances_across_ranks(targets, "cpu") == 153.0
+    assert num_instances_across_ranks(targets, "cpu", max_per_image=100) == 103.0
+    assert num_instances_across_ranks(targets, "cpu", max_per_image=2) == 4.0
+    assert num_instances_across_ranks(targets[1:2], "cpu") == 1.0  # no instance: clamped at 1
+    with pytest.raises(ValueError, match="max_per_image"):
+        num_instances_across_ranks(targets, "cpu", max_per_image=0)
