@@ -38,9 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou, generalized_box_iou_loss, roi_align, sigmoid_focal_loss
 
-from instseg.modeling.losses import dice_loss, focal_classification_loss, focal_cost_matrix
+from instseg.modeling.losses import dice_loss, focal_classification_loss, focal_cost_matrix, num_instances_across_ranks
 from instseg.modeling.matcher import hungarian_assign
-from instseg.modeling.losses.normalizer import num_instances_across_ranks
 
 from .instance_attention import tlbr_to_xyxy
 

@@ -27,8 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling.losses import calculate_uncertainty, dice_loss, point_sample, uncertain_point_coords_with_randomness
-from instseg.modeling.losses.normalizer import num_instances_across_ranks
+from instseg.modeling.losses import (
+    calculate_uncertainty,
+    dice_loss,
+    num_instances_across_ranks,
+    point_sample,
+    uncertain_point_coords_with_randomness,
+)
 from instseg.modeling.matcher import MaskLocationMatcher
 
 __all__ = ["FastInstCriterion"]

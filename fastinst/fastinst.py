@@ -31,16 +31,6 @@ from .transformer_decoder import build_transformer_decoder
 __all__ = ["FastInst", "FastInstHead"]
 
 
-def _resize_to_original(mask_logits: torch.Tensor, padded_size, image_size, output_size) -> torch.Tensor:
-    """:func:`instseg.modeling.masks_to_original` (``(K, h, w)`` -> ``(K, height, width)``: bilinear
-    to the padded input, crop, bilinear to the original size), skipping the second resize when the
-    crop already has the output size (a bilinear resize to the same size is the identity)."""
-    if tuple(image_size) != tuple(output_size) or mask_logits.numel() == 0:
-        return masks_to_original(mask_logits, padded_size, image_size, output_size)
-    x = F.interpolate(mask_logits[:, None], size=tuple(padded_size), mode="bilinear", align_corners=False)
-    return x[:, 0, : image_size[0], : image_size[1]]
-
-
 class FastInstHead(nn.Module):
     """``pixel_decoder`` (PPM-FPN) + ``predictor`` (Transformer decoder), official names.
 
@@ -149,17 +139,16 @@ class FastInst(MetaArchBase):
             uniq, inverse = torch.unique(queries, return_inverse=True)
             duplicates = uniq.numel() < queries.numel()
             sel = uniq if duplicates else queries
-            probs_full = _resize_to_original(mask_logits[i][sel], padded_size, image_sizes[i], (out_h, out_w)).sigmoid_()
+            probs_full = masks_to_original(mask_logits[i][sel], padded_size, image_sizes[i], (out_h, out_w)).sigmoid_()
             binary = probs_full > self.mask_threshold
             # mean probability inside the mask, in place (no second full-size float tensor)
             mask_scores = probs_full.masked_fill_(~binary, 0).sum((1, 2)) / (binary.sum((1, 2)) + 1e-6)
             if duplicates:
                 binary, mask_scores = binary[inverse], mask_scores[inverse]
-            masks = binary
             results.append({
                 "scores": scores * mask_scores,
                 "labels": labels,
-                "masks": masks,
-                "boxes": boxes_from_masks(masks),
+                "masks": binary,
+                "boxes": boxes_from_masks(binary),
             })
         return results

@@ -26,8 +26,7 @@ import torch
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, roi_align
 
-from instseg.modeling.losses import dice_loss, focal_classification_loss
-from instseg.modeling.losses.normalizer import num_instances_across_ranks
+from instseg.modeling.losses import dice_loss, focal_classification_loss, num_instances_across_ranks
 from instseg.modeling.matcher import BoxSetMatcher
 
 __all__ = ["QueryInstCriterion", "crop_mask_targets"]

@@ -16,8 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling.losses import binarized_mask_iou, dice_loss, focal_classification_loss, sigmoid_focal_loss
-from instseg.modeling.losses.normalizer import num_instances_across_ranks
+from instseg.modeling.losses import (
+    binarized_mask_iou,
+    dice_loss,
+    focal_classification_loss,
+    num_instances_across_ranks,
+    sigmoid_focal_loss,
+)
 from instseg.modeling.matcher import DiceScoreMatcher
 
 __all__ = ["SparseInstCriterion", "prepare_target_masks"]

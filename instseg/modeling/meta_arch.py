@@ -50,13 +50,15 @@ def masks_to_original(
     ``mask_logits`` ``(K, h, w)`` at a stride of the padded input is bilinearly upsampled to
     ``padded_size`` ``(Hp, Wp)``, cropped to the unpadded ``image_size`` (after augmentation) and
     bilinearly resized to ``output_size`` ``(height, width)``. Returns ``(K, height, width)`` in the
-    input's dtype (values are not thresholded).
+    input's dtype (values are not thresholded). When the crop already has ``output_size`` (no test
+    resize) the second resize is skipped: a same-size bilinear resize is the identity.
     """
     if mask_logits.numel() == 0:
         return mask_logits.new_zeros((mask_logits.shape[0],) + tuple(output_size))
-    x = F.interpolate(mask_logits[:, None], size=padded_size, mode="bilinear", align_corners=False)
+    x = F.interpolate(mask_logits[:, None], size=tuple(padded_size), mode="bilinear", align_corners=False)
     x = x[:, :, : image_size[0], : image_size[1]]
-    x = F.interpolate(x, size=output_size, mode="bilinear", align_corners=False)
+    if tuple(image_size) != tuple(output_size):
+        x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)
     return x[:, 0]
 
 
