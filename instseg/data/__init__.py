@@ -7,21 +7,15 @@ Importing this package registers the built-in names (cheap, nothing is read or g
 - ``smoke_shapes_train`` / ``smoke_shapes_val``: the synthetic smoke-test dataset, generated
   under ``$INSTSEG_DATASETS/smoke_shapes`` on first use.
 
+Modules: ``catalog`` (registries), ``coco`` (COCO json), ``smoke`` (synthetic set), ``mapper``
+and ``transforms`` (one dict -> model input), ``dataset`` (dataset dicts, :class:`MapDataset`),
+``samplers``, ``build`` (the loaders), ``classes`` (``MODEL.NUM_CLASSES`` resolution).
+
 See ``datasets/README.md`` for the layout and for custom COCO-format data.
 """
-from .build import (
-    GroupedBatchSampler,
-    InferenceSampler,
-    InfiniteBatchSampler,
-    MapDataset,
-    TrainingSampler,
-    build_test_loader,
-    build_train_loader,
-    get_dataset_dicts,
-    resolve_num_classes,
-    trivial_batch_collator,
-)
+from .build import build_test_loader, build_train_loader, trivial_batch_collator
 from .catalog import DatasetCatalog, Metadata, MetadataCatalog
+from .classes import resolve_num_classes
 from .coco import (
     COCO_CATEGORIES,
     datasets_root,
@@ -30,7 +24,9 @@ from .coco import (
     register_all_coco,
     register_coco_instances,
 )
+from .dataset import MapDataset, get_dataset_dicts
 from .mapper import DatasetMapper, ImageDecodeError, annotations_to_masks, read_image
+from .samplers import GroupedBatchSampler, InferenceSampler, InfiniteBatchSampler, TrainingSampler
 from .smoke import SMOKE_CLASSES, ensure_smoke_dataset, make_smoke_dataset, register_smoke_dataset
 from .transforms import RandomCrop, ResizeShortestEdge, boxes_from_masks, build_augmentation
 
