@@ -1,4 +1,4 @@
-"""Backbones: output shapes/strides, exact parameter counts (refs/README.md), FREEZE_AT, norms,
+"""Backbones: output shapes/strides, exact parameter counts (tests/refs/README.md), FREEZE_AT, norms,
 deformable convs, and the no-network error of pretrained loading."""
 import math
 import urllib.error
@@ -138,7 +138,7 @@ def test_build_backbone_from_config():
 
 # ------------------------------------------------------------------------------- counts
 def test_param_counts(r50, r50vd_dcn):
-    # refs/README.md: backbone parameters of the official configs (FrozenBN: BN are buffers)
+    # tests/refs/README.md: backbone parameters of the official configs (FrozenBN: BN are buffers)
     assert n_params(r50) == 23_454_912
     assert n_params(r50vd_dcn) == 23_971_842
     assert n_params(ResNetBackbone(depth=101, norm="FrozenBN", out_features=ALL)) == 42_394_816
@@ -146,7 +146,7 @@ def test_param_counts(r50, r50vd_dcn):
     assert n_params(r50vd_dcn.body.conv1) == 28_512
     assert sum(n_params(b.conv2.offset) for b in r50vd_dcn.body.layer3) == 248_940
     assert sum(n_params(b.conv2.offset) for b in r50vd_dcn.body.layer4) == 248_886
-    # torchvision ResNet-50 without fc, BN trainable: 23,508,032 (refs/README.md)
+    # torchvision ResNet-50 without fc, BN trainable: 23,508,032 (tests/refs/README.md)
     assert n_params(ResNetBackbone(norm="BN", out_features=ALL)) == 23_508_032
 
 

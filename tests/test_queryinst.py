@@ -3,6 +3,7 @@ force, mask pasting at the original size, the Table 6 (shared query / MSA) and T
 mask flow) wiring, parameter parity with the official module definitions, the data contract and a
 short real-data training run."""
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from queryinst import (
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = str(REPO / "configs/queryinst/R50_FPN_100q_1x.yaml")
+REFS = Path(__file__).resolve().parent / "refs"
 
 
 def _n(m):
@@ -325,6 +327,21 @@ def test_parameter_count_matches_the_official_module_definitions():
     # with BN everywhere (nothing frozen into FrozenBN) the counts are equal, 172,688,808.
     bn_model = build_model(setup_cfg(CFG, ["MODEL.NUM_CLASSES", "80", "MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0"]))
     assert _n(bn_model) == _n(model) + 2 * 26_560 == 172_688_808
+
+
+def test_parameter_count_matches_mmdetection_per_module():
+    """mmdetection 3.3's QueryInst R-50 1x built with random weights (tests/refs/README.md): with
+    BN everywhere our model has its count, module by module (mmdetection's ``rpn_head`` holds the
+    proposal boxes and features, which live in our ``roi_head``)."""
+    r = json.loads((REFS / "queryinst_mmdet_r50_fpn_1x.json").read_text())
+    model = build_model(setup_cfg(CFG, ["MODEL.NUM_CLASSES", "80", "MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0"]))
+    per = r["per_module"]
+    assert _n(model) == r["params"]
+    assert _n(model.backbone.bottom_up) == per["backbone"]
+    assert _n(model.backbone.fpn) == per["neck"]
+    assert _n(model.roi_head) == per["roi_head"] + per["rpn_head"]
+    tracked = [k.split(".")[0] for k in r["state_dict"] if k.endswith("num_batches_tracked")]
+    assert (tracked.count("backbone"), tracked.count("roi_head")) == (53, 6 * 4)  # R-50 BNs; 4 per mask head
 
 
 def test_num_classes_from_one_place():

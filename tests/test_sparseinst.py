@@ -1,5 +1,5 @@
 """SparseInst modules: shapes of every F_iam variant, hand-checked aggregation, parameter and
-state-dict parity with the official code (shared/refs), inference contract."""
+state-dict parity with the official code (tests/refs), inference contract."""
 import json
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from sparseinst.decoder import IAM_TYPES, IAMDecoder, InstanceBranch
 from sparseinst.encoder import InstanceContextEncoder
 
 REPO = Path(__file__).resolve().parents[1]
-REFS = REPO.parent / "shared" / "refs"
+REFS = Path(__file__).resolve().parent / "refs"
 
 
 def _n(m):
@@ -63,10 +63,7 @@ def test_encoder_switches_table2():
 
 
 def _ref(name):
-    path = REFS / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(f"{path} missing")
-    return json.loads(path.read_text())
+    return json.loads((REFS / f"{name}.json").read_text())
 
 
 @pytest.mark.parametrize(
@@ -150,7 +147,7 @@ def test_official_checkpoint_converts_onto_every_tensor(config, ref):
     from instseg.checkpoint import load_state_dict_with_report
     from instseg.convert import convert_with_report, official_keys_from_ref
 
-    shapes = official_keys_from_ref(str(REFS / f"{ref}.json")) if (REFS / f"{ref}.json").is_file() else pytest.skip("refs missing")
+    shapes = official_keys_from_ref(str(REFS / f"{ref}.json"))
     official = {k: torch.full(s, float(i % 1000) + 0.5) for i, (k, s) in enumerate(shapes.items())}
     sd, conv_report = convert_with_report(official, "sparseinst")
     assert not conv_report.dropped  # every official tensor is used (no num_batches_tracked in refs)
