@@ -1,22 +1,28 @@
-"""tools/benchmark_fps.py and the shared CLI helper, with a tiny registered meta-architecture."""
+"""instseg-benchmark (instseg/tools/benchmark_fps.py, wrapped by tools/benchmark_fps.py), the
+core harness it calls (instseg.evaluation.timing) and the shared CLI helper, with a tiny
+registered meta-architecture."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from instseg.config import setup_cfg
+from instseg.data import DatasetCatalog, DatasetMapper, MetadataCatalog, read_image
+from instseg.evaluation.timing import build_test_inputs
 from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, boxes_from_masks, masks_to_original
+from instseg.tools import benchmark_fps as tool
 from instseg.utils.cli import default_argument_parser, register_cli_datasets
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-seg"
 ARCH = "_BenchmarkDummy"
+RECORDER = "_BenchmarkRecorder"
+TINY8 = "_benchmark_tiny8"
+needs_data = pytest.mark.skipif(not (DATA / "images").is_dir(), reason=f"shared data not found: {DATA}")
 
 
 class _BenchmarkDummy(MetaArchBase):
@@ -43,67 +49,136 @@ class _BenchmarkDummy(MetaArchBase):
         return outs
 
 
-if ARCH not in META_ARCH_REGISTRY:
-    META_ARCH_REGISTRY.register(_BenchmarkDummy)  # registered under the class name
+class _BenchmarkRecorder(_BenchmarkDummy):
+    """The dummy, keeping every input dict it is called with (in ``SEEN``)."""
+
+    SEEN: list = []
+
+    def forward(self, batched_inputs):
+        type(self).SEEN.extend(batched_inputs)
+        return super().forward(batched_inputs)
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("benchmark_fps", REPO / "tools" / "benchmark_fps.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+for _cls in (_BenchmarkDummy, _BenchmarkRecorder):
+    if _cls.__name__ not in META_ARCH_REGISTRY:
+        META_ARCH_REGISTRY.register(_cls)  # registered under the class name
 
 
-@pytest.fixture(scope="module")
-def tool():
-    return _load_tool()
+@pytest.fixture
+def tiny8_cleanup():
+    """Unregister the dataset that a test registers through --dataset."""
+    yield TINY8
+    for catalog in (DatasetCatalog, MetadataCatalog):
+        if TINY8 in catalog:
+            catalog.remove(TINY8)
 
 
-def test_shortest_edge_rule(tool):
-    assert tool.shortest_edge_size(480, 640, 640, 853) == (640, 853)
-    assert tool.shortest_edge_size(427, 640, 640, 853) == (569, 853)  # capped by max size
-    assert tool.shortest_edge_size(640, 480, 800, 1333) == (1067, 800)
-    assert tool.shortest_edge_size(100, 200, 50, 0) == (50, 100)
-
-
-def test_benchmark_tool_synthetic(tool, tmp_path, capsys):
+def test_benchmark_tool_synthetic(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    report = tool.main([
+    report = tool.run([
         "--num-iter", "3", "--num-warmup", "1", "--input-size", "64", "96", "--output", str(out),
         "MODEL.META_ARCHITECTURE", ARCH, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path),
+        "INPUT.MIN_SIZE_TEST", "64",  # the test resize keeps 64 x 96
     ])
     printed = capsys.readouterr().out
     assert "MODEL.NUM_CLASSES = 80" in printed and "FPS:" in printed and "GFLOPs:" in printed
     saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
     assert saved["num_iter"] == 3 and saved["num_warmup"] == 1 and saved["fps"] > 0
-    assert saved["input_size"] == [64, 96]
+    assert saved["input_size"] == [64, 96] and saved["test_resize"] == [64, 1333]
+    assert saved["images"].startswith("3 synthetic random images of 64 x 96")
     assert saved["num_classes"] == 80
     assert saved["params"] == 3 * 80 * 16 + 80
     # flops_forward on the padded 64x96 batch: conv 3->80, 4x4 kernel, stride 4 -> 16x24 outputs
     assert saved["gflops"] * 1e9 == pytest.approx(3 * 80 * 16 * 16 * 24)
     assert saved["flops_counted"].startswith("network")
-    assert report["precision"] == "fp32"
+    assert saved["precision"] == "fp32" and saved["config_file"] == ""
 
 
-@pytest.mark.skipif(not (DATA / "images").is_dir(), reason="shared data not found")
-def test_benchmark_tool_real_images_and_dataset_flag(tool, tmp_path, monkeypatch, capsys):
-    calls = []
-    fake = types.ModuleType("instseg.data")
-    fake.register_coco_instances = lambda name, json_file, root: calls.append((name, json_file, root))
-    monkeypatch.setitem(sys.modules, "instseg.data", fake)
+def test_synthetic_images_go_through_the_test_resize():
+    """--input-size is the synthetic image's original size; the model sees it test-resized."""
+    cfg = setup_cfg("", ["INPUT.MIN_SIZE_TEST", "32", "INPUT.MAX_SIZE_TEST", "40"])
+    inputs, desc = build_test_inputs(cfg, input_size=(64, 96), num_images=2)
+    assert len(inputs) == 2 and desc.startswith("2 synthetic random images of 64 x 96")
+    for x in inputs:
+        assert x["image"].dtype == torch.uint8 and tuple(x["image"].shape) == (3, 27, 40)  # capped
+        assert (x["height"], x["width"]) == (64, 96)
+    assert not torch.equal(inputs[0]["image"], inputs[1]["image"])
+    with pytest.raises(ValueError, match="input_size applies to synthetic"):
+        build_test_inputs(cfg, images=["a.jpg"], input_size=(64, 96))
+
+
+@needs_data
+def test_timed_input_is_the_test_mapper_output(tmp_path):
+    """What model([x]) receives while timed is exactly DatasetMapper(cfg, is_train=False)'s
+    output for the file (antialiased resize), not an independent cv2 resize."""
+    src = sorted((DATA / "images").glob("*.jpg"))[0]
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / src.name).symlink_to(src)
+    overrides = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160"]
+    _BenchmarkRecorder.SEEN.clear()
+    tool.main(["--images", str(folder), "--num-iter", "2", "--num-warmup", "1", "--no-flops",
+               "MODEL.META_ARCHITECTURE", RECORDER, "MODEL.DEVICE", "cpu",
+               "OUTPUT_DIR", str(tmp_path)] + overrides)
+    seen = list(_BenchmarkRecorder.SEEN)
+    assert len(seen) == 3  # 1 warm-up + 2 timed calls, one image
+
+    expected = DatasetMapper(setup_cfg("", overrides), is_train=False)({"file_name": str(folder / src.name)})
+    original = read_image(str(src))
+    assert (expected["height"], expected["width"]) == original.shape[:2]
+    assert max(expected["image"].shape[-2:]) == 160  # really resized (capped by MAX_SIZE_TEST)
+    for x in seen:
+        assert x["image"].dtype == torch.uint8 and torch.equal(x["image"], expected["image"])
+        assert (x["height"], x["width"]) == (expected["height"], expected["width"])
+
+    # the old tool's input (cv2.resize, bilinear without antialiasing) is a different image
+    import cv2
+
+    h, w = expected["image"].shape[-2:]
+    old = torch.from_numpy(cv2.resize(original, (w, h), interpolation=cv2.INTER_LINEAR)).permute(2, 0, 1)
+    assert (old.int() - expected["image"].int()).abs().float().mean() > 1.0
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["input_size"] == [h, w] and saved["flops_error"] == "--no-flops"
+
+
+@needs_data
+def test_benchmark_tool_real_images_and_dataset_flag(tmp_path, capsys, tiny8_cleanup):
     json_file = str(DATA / "annotations_tiny8.json")
     tool.main([
         "--images", str(DATA / "images"), "--num-iter", "2", "--num-warmup", "0", "--bf16",
-        "--dataset", "tiny8", json_file, str(DATA / "images"),
+        "--dataset", TINY8, json_file, str(DATA / "images"),
         "MODEL.META_ARCHITECTURE", ARCH, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path),
         "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160",
     ])
-    assert calls == [("tiny8", json_file, str(DATA / "images"))]
+    assert TINY8 in DatasetCatalog  # --dataset registered it
+    assert f"MODEL.NUM_CLASSES = 80 (categories of --dataset {TINY8})" in capsys.readouterr().out
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved["precision"] == "bf16" and saved["num_classes"] == 80
     h, w = saved["input_size"]
     assert min(h, w) <= 128 and max(h, w) <= 160
     assert "2 images from" in saved["images"]
+
+
+@needs_data
+def test_benchmark_tool_test_set(tmp_path, tiny8_cleanup):
+    """--test-set times the first images of DATASETS.TEST[0], mapped as evaluation maps them."""
+    _BenchmarkRecorder.SEEN.clear()
+    overrides = ["INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "128"]
+    tool.main([
+        "--test-set", "--num-iter", "3", "--num-warmup", "0", "--no-flops",
+        "--dataset", TINY8, str(DATA / "annotations_tiny8.json"), str(DATA / "images"),
+        "MODEL.META_ARCHITECTURE", RECORDER, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path),
+        "DATASETS.TEST", f"('{TINY8}',)"] + overrides)
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["images"] == f"3 images of dataset {TINY8}" and saved["num_classes"] == 80
+    mapper = DatasetMapper(setup_cfg("", overrides), is_train=False)
+    dicts = DatasetCatalog.get(TINY8)[:3]
+    assert [x["file_name"] for x in _BenchmarkRecorder.SEEN] == [d["file_name"] for d in dicts]
+    for x, d in zip(_BenchmarkRecorder.SEEN, dicts):
+        assert torch.equal(x["image"], mapper(d)["image"])
+    with pytest.raises(SystemExit):
+        tool.main(["--test-set", "--input-size", "8", "8"])
 
 
 def test_default_argument_parser():

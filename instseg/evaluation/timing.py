@@ -1,9 +1,17 @@
-"""Speed, parameter and FLOP measurement (the harness behind ``tools/benchmark_fps.py``).
+"""Speed, parameter and FLOP measurement (the harness behind ``instseg-benchmark`` /
+``tools/benchmark_fps.py``).
 
 What is timed, as the SparseInst/FastInst papers time it: the whole ``model([input])`` call at
 batch size 1 — pre-processing (host-to-device copy of the uint8 image, normalization, padding),
 the network, and post-processing (mask upsampling to the original size, thresholding). Reading
 and decoding images is excluded: inputs are pre-decoded ``uint8 (3, H, W)`` tensors.
+
+The timed inputs are what evaluation feeds the model: :func:`build_test_inputs` passes every
+image (a file, a dataset's image, or a synthetic one) through the test mapper
+(``DatasetMapper(cfg, is_train=False)``: decode to RGB, then the antialiased
+``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``), before any timing.
+:func:`benchmark_from_config` is the one call behind the tool: model from the config, those
+inputs, :func:`benchmark_model`, parameters and FLOPs, in one report.
 """
 from __future__ import annotations
 
@@ -15,12 +23,20 @@ import platform
 import statistics
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-__all__ = ["benchmark_model", "count_parameters", "count_flops", "device_description"]
+__all__ = [
+    "benchmark_model",
+    "benchmark_from_config",
+    "build_test_inputs",
+    "count_parameters",
+    "count_flops",
+    "device_description",
+    "format_benchmark_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +115,7 @@ def benchmark_model(
     format).
 
     Args:
-        model: follows DESIGN.md's data contract (``model(list_of_dicts) -> list_of_dicts``).
+        model: follows the data contract of docs/architecture.md (``model(list_of_dicts) -> list_of_dicts``).
         inputs: input dicts with ``"image"``: ``uint8 (3, H, W)`` RGB (already resized to the test
             size), ``"height"``, ``"width"``; left where they are (the model moves them).
         num_warmup: untimed iterations (>= 0).
@@ -277,3 +293,229 @@ def count_flops(model: nn.Module, inputs: Union[torch.Tensor, Dict, List[Dict]])
         )
         logger.debug("count_flops: skipped ops: %s", dict(skipped))
     return float(total) / 1e9
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _map_readable(mapper, dicts: Sequence[Dict], num: int) -> List[Dict]:
+    """``mapper(d)`` for the first ``num`` dicts whose image decodes (others warned and skipped)."""
+    from ..data import ImageDecodeError
+
+    inputs: List[Dict] = []
+    for d in dicts:
+        if len(inputs) >= num:
+            break
+        try:
+            inputs.append(mapper(d))
+        except ImageDecodeError as e:
+            logger.warning("%s; skipped", e)
+    return inputs
+
+
+def build_test_inputs(
+    cfg,
+    images: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]] = None,
+    dataset: Optional[str] = None,
+    input_size: Optional[Sequence[int]] = None,
+    num_images: int = 10,
+    seed: int = 0,
+) -> Tuple[List[Dict], str]:
+    """The model inputs evaluation would feed for some images, decoded and resized before timing.
+
+    Every image goes through the test mapper, ``DatasetMapper(cfg, is_train=False)`` (what
+    :func:`instseg.data.build_test_loader` maps the test set with): decode to RGB, then the
+    antialiased ``ResizeShortestEdge(INPUT.MIN_SIZE_TEST, INPUT.MAX_SIZE_TEST)``. One source:
+
+    * ``images``: a folder (its image files sorted by name) or a list of image files; files that
+      cannot be decoded are skipped with a warning;
+    * ``dataset``: a registered dataset name (its images in dataset order, as evaluated);
+    * neither: ``num_images`` synthetic random images of ``input_size`` ``(H, W)`` (default
+      ``INPUT.MIN_SIZE_TEST`` square), written losslessly to a temporary folder and mapped like
+      files, so their original size is ``input_size`` and the model sees them after the test
+      resize.
+
+    Returns:
+        ``(inputs, description)``: up to ``num_images`` mapper outputs (``"image"``: ``uint8
+        (3, H, W)`` after the test resize, ``"height"``/``"width"``: the original size,
+        ``"image_id"``, ``"file_name"``), and a one-line description of where they came from.
+
+    Raises:
+        ValueError: more than one source, ``input_size`` with ``images``/``dataset``, no
+            ``input_size`` while ``INPUT.MIN_SIZE_TEST <= 0``, or ``num_images < 1``.
+        FileNotFoundError: ``images`` is not a folder, or none of its images decodes.
+        KeyError: ``dataset`` is not registered.
+    """
+    from ..data import DatasetMapper, get_dataset_dicts
+
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if images and dataset:
+        raise ValueError("build_test_inputs: give images or dataset, not both")
+    if input_size and (images or dataset):
+        raise ValueError("input_size applies to synthetic images; real images are resized with "
+                         "INPUT.MIN_SIZE_TEST / INPUT.MAX_SIZE_TEST")
+    mapper = DatasetMapper(cfg, is_train=False)
+    if images:
+        if isinstance(images, (str, os.PathLike)):
+            folder = os.fspath(images)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"images: not a folder: {folder}")
+            files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))
+                     if f.lower().endswith(IMAGE_EXTENSIONS)]
+            where = folder
+        else:
+            files = [os.fspath(f) for f in images]
+            where = f"{len(files)} listed files"
+        inputs = _map_readable(mapper, [{"file_name": f, "image_id": i} for i, f in enumerate(files)],
+                               num_images)
+        if not inputs:
+            raise FileNotFoundError(f"images: no readable image in {where}")
+        return inputs, f"{len(inputs)} images from {where}"
+    if dataset:
+        inputs = _map_readable(mapper, get_dataset_dicts([dataset], filter_empty=False), num_images)
+        if not inputs:
+            raise FileNotFoundError(f"dataset {dataset!r}: no readable image")
+        return inputs, f"{len(inputs)} images of dataset {dataset}"
+
+    import tempfile
+
+    import cv2
+
+    if input_size:
+        h, w = (int(s) for s in input_size)
+    else:
+        short = int(cfg.INPUT.MIN_SIZE_TEST)
+        if short <= 0:
+            raise ValueError("INPUT.MIN_SIZE_TEST <= 0 (no test resize): give input_size")
+        h = w = short
+    if h < 1 or w < 1:
+        raise ValueError(f"input_size must be positive, got {(h, w)}")
+    g = torch.Generator().manual_seed(seed)
+    with tempfile.TemporaryDirectory(prefix="instseg_benchmark_") as tmp:
+        dicts = []
+        for i in range(num_images):
+            pixels = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g).numpy()
+            path = os.path.join(tmp, f"synthetic_{i}.png")
+            if not cv2.imwrite(path, pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1]):
+                raise OSError(f"cannot write {path}")
+            dicts.append({"file_name": path, "image_id": i, "height": h, "width": w})
+        inputs = [mapper(d) for d in dicts]
+    for x in inputs:
+        x["file_name"] = os.path.basename(x["file_name"])  # the temporary file is gone
+    return inputs, f"{len(inputs)} synthetic random images of {h} x {w} (before the test resize)"
+
+
+def benchmark_from_config(
+    cfg,
+    images: Union[None, str, os.PathLike, Sequence[Union[str, os.PathLike]]] = None,
+    dataset: Optional[str] = None,
+    input_size: Optional[Sequence[int]] = None,
+    num_images: Optional[int] = None,
+    num_iter: int = 100,
+    num_warmup: int = 10,
+    precision: str = "fp32",
+    channels_last: bool = False,
+    flops: bool = True,
+    model: Optional[nn.Module] = None,
+    weights: Optional[str] = None,
+) -> Dict:
+    """Benchmark a config's model on the inputs evaluation feeds it (the call behind the tool).
+
+    1. inputs: :func:`build_test_inputs` (``images`` / ``dataset`` / synthetic ``input_size``),
+       ``num_images`` of them (default: ``num_iter`` real images, or ``min(num_iter, 10)``
+       synthetic ones), decoded and test-resized before anything is timed;
+    2. the model: ``model`` as given, else ``build_model(cfg)``; then ``weights`` are loaded
+       (default when the model is built here: ``MODEL.WEIGHTS``; none: random initialization);
+    3. :func:`benchmark_model` (on ``MODEL.DEVICE``, else where the model is), parameters and,
+       with ``flops``, :func:`count_flops` on the first input (a tracing failure is reported in
+       ``"flops_error"``, the timing stays valid).
+
+    ``torch.backends.cudnn.benchmark`` is set to ``CUDNN_BENCHMARK``.
+
+    Returns:
+        ``{"meta_architecture", "weights", "num_classes", "images" (where the inputs came from),
+        "test_resize": [MIN_SIZE_TEST, MAX_SIZE_TEST], **benchmark_model's result, "params",
+        "params_m", "gflops" (None when skipped or failed), "flops_input_size", "flops_counted"
+        or "flops_error"}``.
+    """
+    if num_iter < 1 or num_warmup < 0:
+        raise ValueError(f"need num_iter >= 1 and num_warmup >= 0, got {num_iter}, {num_warmup}")
+    if num_images is None:
+        num_images = num_iter if (images or dataset) else min(num_iter, 10)
+    inputs, description = build_test_inputs(cfg, images=images, dataset=dataset,
+                                            input_size=input_size, num_images=num_images)
+    torch.backends.cudnn.benchmark = bool(cfg.CUDNN_BENCHMARK)
+    if model is None:
+        from ..modeling import build_model
+
+        model = build_model(cfg)
+        if weights is None:
+            weights = cfg.MODEL.WEIGHTS
+    if weights:
+        from ..checkpoint import load_checkpoint
+
+        load_checkpoint(model, weights)
+    model.eval()
+    result = benchmark_model(model, inputs, num_warmup=num_warmup, num_iter=num_iter,
+                             precision=precision, channels_last=channels_last,
+                             device=cfg.MODEL.DEVICE or None)
+    report = {
+        "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
+        "weights": weights or "",
+        "num_classes": int(cfg.MODEL.NUM_CLASSES),
+        "images": description,
+        "test_resize": [int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST)],
+        **result,
+        "params": count_parameters(model),
+    }
+    report["params_m"] = report["params"] / 1e6
+    report["gflops"] = None
+    if not flops:
+        report["flops_error"] = "skipped"
+        return report
+    try:
+        report["gflops"] = count_flops(model, inputs[:1])
+        report["flops_input_size"] = list(inputs[0]["image"].shape[-2:])
+        report["flops_counted"] = ("network (flops_forward)" if hasattr(model, "flops_forward")
+                                   else "full model() call")
+    except Exception as e:  # tracing can fail on exotic ops; timing is still valid
+        logger.warning("FLOP count failed: %s", e)
+        report["flops_error"] = f"{type(e).__name__}: {e}"
+    return report
+
+
+def format_benchmark_report(report: Dict) -> str:
+    """The report of :func:`benchmark_from_config` as printed by the tool."""
+    b = report
+    h, w = b["input_size"]
+    config = f" ({b['config_file']})" if b.get("config_file") else ""
+    resize = b.get("test_resize")
+    resize = f"test resize {resize[0]}/{resize[1]}" if resize else "test resize"
+    lines = [
+        f"Benchmark of {b['meta_architecture']}{config}",
+        f"  weights:       {b['weights'] or '(random initialization)'}",
+        f"  device:        {b['device']}",
+        f"  precision:     {b['precision']}" + ("  (channels_last)" if b["channels_last"] else ""),
+        f"  input size:    {h} x {w} (H x W, after the {resize}; {b['images']})",
+    ]
+    if b.get("input_size_note"):
+        lines.append(f"                 {b['input_size_note']}")
+    lines += [
+        f"  timed:         {b['timed']}",
+        f"  warm-up:       {b['num_warmup']} iterations",
+        f"  iterations:    {b['num_iter']} (batch size 1)",
+        f"  FPS:           {b['fps']:.2f}",
+        f"  ms/image:      {b['ms_per_image']:.2f} ± {b['ms_std']:.2f} (mean ± std; median "
+        f"{b['ms_median']:.2f})",
+        f"  parameters:    {b['params'] / 1e6:.2f} M ({b['params']:,})",
+    ]
+    if b.get("gflops") is not None:
+        fh, fw = b["flops_input_size"]
+        lines.append(f"  GFLOPs:        {b['gflops']:.2f} (fvcore, 1 multiply-add = 1 FLOP; "
+                     f"{b['flops_counted']} on a {fh} x {fw} input)")
+    else:
+        lines.append(f"  GFLOPs:        n/a ({b.get('flops_error', 'skipped')})")
+    if b.get("max_memory_mb") is not None:
+        lines.append(f"  max GPU memory: {b['max_memory_mb']:.0f} MiB")
+    return "\n".join(lines)
