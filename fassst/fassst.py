@@ -37,7 +37,7 @@ class FASSST(MetaArchBase):
     """``model(batched_inputs)``: training -> dict of weighted scalar losses (``loss_mask``,
     ``loss_loc``, ``loss_cls``; Eq. 5); eval -> one dict per image with ``scores`` ``(K,)``,
     ``labels`` int64 ``(K,)``, ``masks`` bool ``(K, height, width)`` and ``boxes`` ``(K, 4)``
-    xyxy pixels at the original size (DESIGN.md data contract).
+    xyxy pixels at the original size (docs/architecture.md, Data contract).
 
     Raises:
         ValueError: ``MODEL.NUM_CLASSES`` not resolved (< 1), ``IAM.IN_FEATURE`` or a

@@ -31,7 +31,7 @@ def add_fastinst_config(cfg) -> None:
     fi.PIXEL_DECODER.PPM_SIZES = [1, 2, 3, 6]
     fi.MASK_DIM = 256
 
-    # Dual-path Transformer decoder (main paper; FACTS.md).
+    # Dual-path Transformer decoder (main paper; docs/fastinst.md, official code).
     fi.HIDDEN_DIM = 256
     fi.NHEADS = 8
     fi.DIM_FEEDFORWARD = 1024
@@ -51,7 +51,7 @@ def add_fastinst_config(cfg) -> None:
     fi.POS_EMBED = "learnable"  # ablation "E" (with NUM_AUX_QUERIES): "learnable" | "sine"
     fi.LOCAL_MAXIMUM_FIRST = True  # ablation, supplement Table III
 
-    # Losses and matching (official Base yaml; FACTS.md).
+    # Losses and matching (official Base yaml; docs/fastinst.md, official code).
     fi.DEEP_SUPERVISION = True
     fi.NO_OBJECT_WEIGHT = 0.1
     fi.CLASS_WEIGHT = 2.0

@@ -1,4 +1,4 @@
-"""FastInst losses (main paper, "loss function"; official ``fastinst/modeling/criterion.py``, FACTS.md).
+"""FastInst losses (main paper, "loss function"; official ``fastinst/modeling/criterion.py``, docs/fastinst.md).
 
 For the final predictions and, with deep supervision, for every auxiliary prediction (the GT-mask
 guided ones first, then the initial queries' and the intermediate layers'):

@@ -1,7 +1,7 @@
 """Instance activation-guided queries (FastInst main paper; supplement A.2, A.3, Tables II-III).
 
 An auxiliary pixel classifier on E4 (3x3 conv, ReLU, 1x1 conv to K + 1 logits) predicts a class
-distribution per pixel. Query selection (official ``QueryProposal``, FACTS.md):
+distribution per pixel. Query selection (official ``QueryProposal``, docs/fastinst.md):
 
 1. softmax over the K + 1 classes; each pixel keeps only its most likely *foreground* class
    ``k_i`` (the other planes, background included, are zeroed);

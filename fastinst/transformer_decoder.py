@@ -1,11 +1,11 @@
-"""FastInst's dual-path Transformer decoder (main paper; FACTS.md) and the Mask2Former-light baseline
+"""FastInst's dual-path Transformer decoder (main paper; docs/fastinst.md) and the Mask2Former-light baseline
 decoder of supplement Table I.
 
 Both take the PPM-FPN outputs ``[E5, E4, E3]`` (strides 32, 16, 8) and return class logits
 ``(B, N, K + 1)`` and mask logits ``(B, N, H/8, W/8)`` for the N object queries, plus the
 per-layer predictions used for deep supervision.
 
-:class:`FastInstDecoder` (Table I "A"; official ``fastinst_decoder.py``, FACTS.md): per layer a
+:class:`FastInstDecoder` (Table I "A"; official ``fastinst_decoder.py``, docs/fastinst.md): per layer a
 pixel-feature update (E3 pixels attend to the queries, then an FFN) followed by a query update
 (masked cross-attention to the pixel features with the previous prediction's masks, self-attention,
 FFN); hidden 256, 8 heads, FFN 1024, post-norm. Class (3-layer MLP) and mask-embedding (3-layer MLP)

@@ -2,7 +2,7 @@
 
 Official checkpoints come from Detectron2 (``{"model": state_dict, ...}`` torch files) and their
 ImageNet initializations from Detectron2 ``.pkl`` files (pickled dicts of numpy arrays). The
-layouts are listed in ``/work/shared/refs/*.json`` (every key with its shape).
+layouts are listed in ``tests/refs/*.json`` (every key with its shape).
 
 Our backbones keep the library model as ``backbone.body`` (torchvision / timm names), so:
 

@@ -8,7 +8,7 @@ Poster / paper Eq. (1):
     x_t^box*, q_t      <- DynConv_t^box(x_t^box, q*_{t-1})  :class:`~queryinst.dynamic_conv.DynConv`
     b_t                <- B_t(x_t^box*)                     class and box-delta FCs
 
-Details from the official code (FACTS.md; hustvl/QueryInst ``dii_head.py``, mmcv's
+Details from the official code (docs/queryinst.md; hustvl/QueryInst ``dii_head.py``, mmcv's
 ``MultiheadAttention``/``FFN``): 8-head self-attention with a residual connection and LayerNorm;
 ``q + DynConv(q*)`` then LayerNorm; FFN 256 -> 2048 -> 256 with a residual and LayerNorm; one
 class FC (Linear without bias + LN + ReLU) and three regression FCs before the class/delta

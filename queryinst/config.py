@@ -1,7 +1,7 @@
 """Config keys of QueryInst (``MODEL.QUERY_INST``), with the official defaults.
 
 Values come from the official configs (hustvl/QueryInst ``configs/queryinst/queryinst_r50_fpn_1x_coco.py``
-and mmdetection's copy; FACTS.md). The number of classes is **not** a QueryInst key: every head
+and mmdetection's copy; docs/queryinst.md). The number of classes is **not** a QueryInst key: every head
 reads ``MODEL.NUM_CLASSES`` (one place; the official configs repeat it in 6 box heads and 6 mask
 heads, the classic custom-data bug of hustvl/QueryInst #20). Keys marked "ablation" switch one
 part for the poster's Tables 4 and 6.

@@ -1,4 +1,4 @@
-"""QueryInst set-prediction losses, every stage supervised (FACTS.md; official ``dii_head.py``,
+"""QueryInst set-prediction losses, every stage supervised (docs/queryinst.md, official code; ``dii_head.py``,
 ``dynamic_mask_head.py``, ``query_roi_head.py``).
 
 Per stage ``t`` (weight 1 each), after Hungarian matching of the stage's own predictions

@@ -11,7 +11,7 @@ RoI feature ``x`` (``S x S`` positions, ``C`` channels):
     box:  out = ReLU(LN(Linear(flatten(y))))   (C_out,)        ``with_proj=True``
     mask: out = y                              (S*S, C_out)    ``with_proj=False``
 
-Dimensions, LayerNorms and the projection follow the official code (FACTS.md, QueryInst: DynamicConv
+Dimensions, LayerNorms and the projection follow the official code (docs/queryinst.md: DynamicConv
 256 -> 64 -> 256 with LayerNorm + ReLU, a projection of the flattened 256 x 49 to 256 in the box
 head, no projection in the mask head).
 """

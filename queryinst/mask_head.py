@@ -6,7 +6,7 @@ Paper Eq. (3):
     x_t^mask*  <- DynConv_t^mask(x_t^mask, q*_{t-1})  the query after the (shared) MSA
     m_t        <- M_t(x_t^mask*)                     4 x (3x3 conv + norm + ReLU), deconv x2, 1x1
 
-Official details (FACTS.md; hustvl/QueryInst ``dynamic_mask_head.py``): ``DynConv`` without
+Official details (docs/queryinst.md; hustvl/QueryInst ``dynamic_mask_head.py``): ``DynConv`` without
 projection, its ``196 x 256`` output reshaped to ``256 x 14 x 14``; convs 3x3 256 with BN (no bias)
 and ReLU; ``ConvTranspose2d(256, 256, 2, stride 2)`` + ReLU to 28x28; 1x1 conv to K class-specific
 mask logits; Xavier-uniform weights, zero bias on the logits.

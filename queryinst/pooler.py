@@ -1,7 +1,7 @@
 """Multi-level RoIAlign: ``P^box`` (7x7) and ``P^mask`` (14x14) of QueryInst.
 
 Each box is pooled from one FPN level chosen by its size, as mmdetection's ``SingleRoIExtractor``
-(the official code; FACTS.md) and torchvision's ``LevelMapper`` do:
+(the official code; docs/queryinst.md) and torchvision's ``LevelMapper`` do:
 ``level = floor(log2(sqrt(w * h) / finest_scale + 1e-6))`` clamped to the available levels, with
 ``finest_scale = 56`` — boxes below 112 px go to P2, 112-224 to P3, 224-448 to P4, larger to P5
 (identical to torchvision's canonical 224 -> level 4). Pooling is :func:`torchvision.ops.roi_align`

@@ -2,7 +2,7 @@
 backbone -> N learnable proposals refined by S stages of a query-based box head with parallel
 dynamic mask heads.
 
-Inference (official ``QueryRoIHead.simple_test``; FACTS.md): sigmoid class scores of the last
+Inference (official ``QueryRoIHead.simple_test``; docs/queryinst.md): sigmoid class scores of the last
 stage, top-k over (query, class) pairs (k = N unless ``MAX_DETECTIONS``), boxes of the last stage;
 the last stage's mask head runs once on the last stage's boxes; the 28x28 mask of the predicted
 class is pasted into the image at its original size (``height``, ``width``) and thresholded at 0.5.
@@ -29,7 +29,7 @@ class QueryInst(MetaArchBase):
     """``model(batched_inputs)``: training -> dict of weighted scalar losses
     ``stage{t}_loss_{cls,bbox,giou,mask}``; eval -> one dict per image with ``scores`` ``(K,)``,
     ``labels`` int64 ``(K,)``, ``masks`` bool ``(K, height, width)`` and ``boxes`` ``(K, 4)`` xyxy
-    pixels at the original size (DESIGN.md data contract).
+    pixels at the original size (docs/architecture.md, Data contract).
 
     Raises:
         ValueError: ``MODEL.NUM_CLASSES`` not resolved (<= 0), or the backbone lacks one of

@@ -2,7 +2,7 @@
 
 An FPN over C3-C5 whose coarsest lateral output goes through a pyramid pooling module (PPM), and
 whose three 3x3 outputs are resized to 1/8 and fused by a 1x1 conv into a single-level feature map.
-Structure and init follow the official ``sparseinst/encoder.py`` (FACTS.md); state-dict keys are
+Structure and init follow the official ``sparseinst/encoder.py`` (docs/sparseinst.md); state-dict keys are
 the official ones (``fpn_laterals.<i>``, ``fpn_outputs.<i>``, ``ppm.*``, ``fusion``), index 0 being
 the coarsest level.
 """

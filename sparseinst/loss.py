@@ -5,7 +5,7 @@ L_pix``: sigmoid focal classification over all N predictions (divided by the num
 instances, all-reduced over DDP ranks), dice (squared denominator, summed / instances) and pixel
 BCE (mean) over matched predictions, and the IoU-aware objectness: BCE (or L1, Table 6) against
 the IoU of the binarized predicted mask (sigmoid >= 0.4) with its ground truth (official
-``sparseinst/loss.py``, FACTS.md). Ground-truth masks are zero-padded to the padded input and
+``sparseinst/loss.py``, docs/sparseinst.md). Ground-truth masks are zero-padded to the padded input and
 bilinearly resized to the 1/4 prediction.
 """
 from __future__ import annotations

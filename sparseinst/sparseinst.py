@@ -28,7 +28,7 @@ __all__ = ["SparseInst"]
 class SparseInst(MetaArchBase):
     """``model(batched_inputs)``: training -> dict of weighted scalar losses; eval -> one dict per
     image with ``scores`` ``(K,)``, ``labels`` int64 ``(K,)``, ``masks`` bool ``(K, height, width)``
-    and ``boxes`` ``(K, 4)`` xyxy pixels at the original size (DESIGN.md data contract).
+    and ``boxes`` ``(K, 4)`` xyxy pixels at the original size (docs/architecture.md, Data contract).
     """
 
     def __init__(self, cfg):

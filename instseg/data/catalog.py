@@ -1,7 +1,7 @@
 """Dataset and metadata catalogs (Detectron2's ``DatasetCatalog`` / ``MetadataCatalog`` idea).
 
 A dataset is registered under a name with a function that returns its dataset dicts (see
-DESIGN.md, "Data contract"); the function runs only when the dataset is requested, so registering
+docs/architecture.md, "Data contract"); the function runs only when the dataset is requested, so registering
 is cheap. Each name also has a :class:`Metadata` object (``thing_classes``,
 ``thing_dataset_id_to_contiguous_id``, ``json_file``, ``image_root``, ``evaluator_type``, ...).
 """

@@ -1,6 +1,6 @@
 """COCO-format instance datasets: loading a json into dataset dicts and registering it by name.
 
-Dataset dict (DESIGN.md, "Data contract")::
+Dataset dict (docs/architecture.md, "Data contract")::
 
     {"file_name": str (absolute path), "image_id": int, "height": int, "width": int,
      "annotations": [{"bbox": [x, y, w, h] (float, pixels), "bbox_mode": "XYWH_ABS",
@@ -108,7 +108,7 @@ def _valid_polygons(segm: List[Any]) -> List[List[float]]:
 
 
 def load_coco_json(json_file: str, image_root: str, dataset_name: Optional[str] = None) -> List[dict]:
-    """Load a COCO instances json into a list of dataset dicts (DESIGN.md, "Data contract").
+    """Load a COCO instances json into a list of dataset dicts (docs/architecture.md, "Data contract").
 
     Args:
         json_file: path of the COCO instances json.

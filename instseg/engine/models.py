@@ -1,5 +1,5 @@
 """Import every model package that is installed, so that its config keys and meta-architecture
-are registered before a config is read (DESIGN.md: the tools import all four)."""
+are registered before a config is read (docs/architecture.md, Tools: the tools import all four)."""
 from __future__ import annotations
 
 import importlib

@@ -1,6 +1,6 @@
 """COCO instance segmentation / detection AP (Detectron2's ``COCOEvaluator`` conventions).
 
-Predictions follow DESIGN.md's data contract: per image ``{"scores": float (K,), "labels": int64
+Predictions follow the data contract (docs/architecture.md): per image ``{"scores": float (K,), "labels": int64
 (K,) contiguous 0..C-1, "masks": bool (K, height, width) at the original size, "boxes": float
 (K, 4) xyxy pixels}``. They are turned into COCO result dicts (RLE masks, xywh boxes, the json's
 category ids), gathered over DDP ranks, and scored with pycocotools (or faster-coco-eval).
@@ -224,7 +224,7 @@ class COCOEvaluator(DatasetEvaluator):
         Args:
             inputs: the model's input dicts; ``"image_id"`` is required, ``"height"``/``"width"``
                 (when present) are checked against the masks' size.
-            outputs: one dict per input (DESIGN.md data contract); an output of the form
+            outputs: one dict per input (docs/architecture.md, Data contract); an output of the form
                 ``{"instances": {...}}`` is accepted too.
 
         Raises:

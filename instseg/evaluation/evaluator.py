@@ -82,7 +82,7 @@ def inference_on_dataset(
     gathers them.
 
     Args:
-        model: follows DESIGN.md's data contract: ``model(batch)`` with ``batch`` a list of input
+        model: follows the data contract (docs/architecture.md): ``model(batch)`` with ``batch`` a list of input
             dicts returns one output dict per input.
         data_loader: iterable of batches (lists of input dicts); ``len()`` used for progress when
             available.

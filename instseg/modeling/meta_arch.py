@@ -1,4 +1,4 @@
-"""Pieces of the data contract every meta-architecture shares (DESIGN.md, "Data contract").
+"""Pieces of the data contract every meta-architecture shares (docs/architecture.md, "Data contract").
 
 Inputs are lists of dicts with ``"image"``: ``uint8 (3, H, W)`` RGB; the model normalizes and pads
 them itself, and returns results at ``("height", "width")``, the original size.
@@ -82,7 +82,7 @@ def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
 class MetaArchBase(nn.Module):
     """Base class: pixel normalization and padding from the config, and the device property.
 
-    Subclasses implement ``forward(batched_inputs)`` following DESIGN.md's data contract.
+    Subclasses implement ``forward(batched_inputs)`` following the data contract (docs/architecture.md).
     """
 
     def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], size_divisibility: int):

@@ -7,7 +7,7 @@ statistics and affine parameters so that pretrained weights survive the conversi
 FrozenBN is torchvision's :class:`~torchvision.ops.misc.FrozenBatchNorm2d` (eps 1e-5, as
 Detectron2's; subclassed here to keep the input dtype under AMP): scale, shift and statistics are
 *buffers*, so a FrozenBN ResNet-50 has only its
-23,454,912 convolution weights as parameters (``refs/README.md``).
+23,454,912 convolution weights as parameters (``tests/refs/README.md``).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ from fvcore.common.registry import Registry
 
 META_ARCH_REGISTRY = Registry("META_ARCH")
 META_ARCH_REGISTRY.__doc__ = """Meta-architectures: ``cls(cfg)`` returns an ``nn.Module`` that follows the
-data contract of DESIGN.md (list of dicts in; loss dict in training, one result dict per image in
+data contract of docs/architecture.md (list of dicts in; loss dict in training, one result dict per image in
 eval)."""
 
 BACKBONE_REGISTRY = Registry("BACKBONE")

@@ -1,4 +1,4 @@
-"""Command-line helpers shared by the tools (Detectron2-style flags, DESIGN.md "Tools").
+"""Command-line helpers shared by the tools (Detectron2-style flags, docs/architecture.md "Tools").
 
 ``default_argument_parser`` is ``tools/train_net.py``'s full set of flags; other tools may build
 their own parser and call :func:`add_dataset_argument` and :func:`register_cli_datasets` so that

@@ -13,7 +13,7 @@ torchvision-converted ImageNet weights.
 Deformable convs (``DEFORM_ON_PER_STAGE``): each bottleneck's ``conv2`` of a chosen stage becomes a
 :class:`DeformConv` that owns its offset conv (``conv2.weight``, ``conv2.offset.weight/bias``).
 The official R50-vd-DCN (SparseInst / FastInst) is unmodulated, 18 offset channels, on res4 and
-res5: 23,971,842 backbone parameters with FrozenBN (``refs/README.md``, FACTS.md).
+res5: 23,971,842 backbone parameters with FrozenBN (``tests/refs/README.md``, docs/sparseinst.md).
 """
 from __future__ import annotations
 

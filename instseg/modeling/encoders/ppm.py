@@ -1,7 +1,7 @@
 """Pyramid pooling module (PSPNet, Zhao et al. 2017) as used on C5/P5 by SparseInst's instance
 context encoder (Sec. 3.2) and FastInst's PPM-FPN pixel decoder.
 
-Structure from the official code (FACTS.md): per bin size an adaptive average pool, a 1x1 conv
+Structure from the official code (docs/sparseinst.md): per bin size an adaptive average pool, a 1x1 conv
 (with bias, no norm) to ``channels`` and ReLU, bilinearly upsampled back; the input and the
 branches are concatenated (branches first, then the input, as in the official code) and reduced by a 1x1 conv (with bias) + ReLU. State-dict keys match the
 official ``ppm.stages.<i>.1`` / ``ppm.bottleneck`` names.

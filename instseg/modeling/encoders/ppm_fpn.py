@@ -1,4 +1,4 @@
-"""PPM-FPN pixel decoder (FastInst main paper, "lightweight pixel decoder"; official ``PyramidPoolingModuleFPN``, FACTS.md).
+"""PPM-FPN pixel decoder (FastInst main paper, "lightweight pixel decoder"; official ``PyramidPoolingModuleFPN``, docs/fastinst.md).
 
 An FPN over C3-C5 whose coarsest lateral output goes through a pyramid pooling module (bins 1, 2,
 3, 6): per level a lateral 1x1 conv and an output 3x3 conv, both with GroupNorm (32 groups, no

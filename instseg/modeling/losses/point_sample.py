@@ -1,7 +1,7 @@
 """Point sampling and PointRend-style importance sampling of mask logits.
 
 Mask2Former-family models (FastInst, supplement and official ``criterion.py``/``matcher.py``;
-FACTS.md) compute mask losses and matching costs on a set of sampled points instead of every
+docs/fastinst.md) compute mask losses and matching costs on a set of sampled points instead of every
 pixel: ``K x P`` values rather than ``K x H x W``. Training points are chosen by PointRend's
 importance sampling (Kirillov et al., "PointRend", CVPR 2020, Sec. 3.1 "Point Selection for
 Training"): oversample ``k * P`` uniform points, keep the ``beta * P`` most uncertain ones

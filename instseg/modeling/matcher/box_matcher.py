@@ -4,7 +4,7 @@
 
 with the focal cost of :func:`~instseg.modeling.losses.focal_cost_matrix`, the L1 distance between
 xyxy boxes normalized by the image size, and the generalized IoU of the pixel boxes
-(:func:`torchvision.ops.generalized_box_iou`). Defaults are QueryInst's (FACTS.md; mmdetection
+(:func:`torchvision.ops.generalized_box_iou`). Defaults are QueryInst's (docs/queryinst.md; mmdetection
 ``HungarianAssigner`` with ``FocalLossCost`` 2.0, ``BBoxL1Cost`` 5.0, ``IoUCost`` giou 2.0).
 """
 from __future__ import annotations

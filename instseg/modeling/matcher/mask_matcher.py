@@ -1,7 +1,7 @@
 """Hungarian matching of mask queries with class, mask (BCE), dice and location costs.
 
 The Mask2Former-style matcher used by FastInst (official ``fastinst/modeling/matcher.py``,
-FACTS.md; supplement A.2 and Table II), in two forms:
+docs/fastinst.md; supplement A.2 and Table II), in two forms:
 
 * :meth:`MaskLocationMatcher.forward` — queries against ground-truth instances:
   ``C = w_cls * (-p[label]) + w_mask * BCE + w_dice * (1 - dice) + w_loc * outside``, with the mask
