@@ -1,4 +1,4 @@
-"""DatasetMapper: dataset dict -> model input dict (DESIGN.md, "Data contract").
+"""DatasetMapper: dataset dict -> model input dict (docs/architecture.md, "Data contract").
 
 Reads the image (RGB), rasterizes the instance polygons / RLEs at the original size with
 pycocotools, applies the torchvision v2 augmentation pipeline of :mod:`instseg.data.transforms`
