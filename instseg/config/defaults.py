@@ -7,7 +7,6 @@ command-line overrides carry over. Model packages add their own sub-trees (``MOD
 from fvcore.common.config import CfgNode as CN
 
 _C = CN()
-_C.VERSION = 2
 
 # ---------------------------------------------------------------------------- #
 # Model
@@ -73,6 +72,8 @@ _C.INPUT.MAX_SIZE_TRAIN = 1333
 _C.INPUT.MIN_SIZE_TEST = 800
 _C.INPUT.MAX_SIZE_TEST = 1333
 _C.INPUT.FORMAT = "RGB"
+# Only "bitmask": polygons are rasterized to bitmasks when a dataset dict is loaded (any other
+# value is an error).
 _C.INPUT.MASK_FORMAT = "bitmask"
 # "horizontal", "vertical" or "none".
 _C.INPUT.RANDOM_FLIP = "horizontal"

@@ -127,8 +127,11 @@ class DatasetMapper:
                     "normalize RGB images with MODEL.PIXEL_MEAN/STD)"
                 )
             mask_format = str(cfg.INPUT.MASK_FORMAT)
-            if mask_format not in ("bitmask", "polygon"):
-                raise ValueError(f"INPUT.MASK_FORMAT must be 'bitmask' or 'polygon', got {mask_format!r}")
+            if mask_format != "bitmask":
+                raise ValueError(
+                    f"INPUT.MASK_FORMAT={cfg.INPUT.MASK_FORMAT!r}: only 'bitmask' is supported "
+                    "(polygon masks are rasterized to bitmasks at load time)"
+                )
         self.is_train = is_train
         self.augmentation = augmentation
 
