@@ -3,17 +3,24 @@
 Parameter groups: backbone parameters get ``BASE_LR * SOLVER.BACKBONE_MULTIPLIER``; normalization
 parameters get ``WEIGHT_DECAY_NORM``, embeddings (``nn.Embedding`` weights and parameters whose
 name ends in ``pos_embed``/``query_embed``) ``WEIGHT_DECAY_EMBED``, biases ``WEIGHT_DECAY_BIAS``
-(``None`` = ``WEIGHT_DECAY``), everything else ``WEIGHT_DECAY``.
+(``None`` = ``WEIGHT_DECAY``), everything else ``WEIGHT_DECAY``. The optimizer gets one group per
+distinct ``(lr, weight_decay)`` pair (:func:`merge_param_groups`): AdamW and SGD update each
+parameter independently of the grouping, so the steps are the same as with one group per
+parameter, with a handful of groups instead of hundreds.
+
+Gradient clipping (:func:`clip_gradients`, ``SOLVER.CLIP_GRADIENTS``): ``"value"`` clamps every
+gradient element to ``[-CLIP_VALUE, CLIP_VALUE]``; ``"norm"`` rescales all gradients together so
+that their total ``NORM_TYPE``-norm is at most ``CLIP_VALUE``.
 """
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
 import torch
 from torch import nn
 
-__all__ = ["build_optimizer", "build_lr_lambda", "get_param_groups"]
+__all__ = ["build_optimizer", "build_lr_lambda", "get_param_groups", "merge_param_groups", "clip_gradients"]
 
 _NORM_TYPES = (
     nn.BatchNorm1d,
@@ -28,7 +35,8 @@ _NORM_TYPES = (
 
 
 def get_param_groups(cfg, model: nn.Module) -> List[Dict]:
-    """One group per trainable parameter with its ``lr`` and ``weight_decay``; frozen ones left out."""
+    """One group per trainable parameter with its ``lr``, ``weight_decay`` and ``name``; frozen
+    ones left out. (:func:`build_optimizer` merges them with :func:`merge_param_groups`.)"""
     s = cfg.SOLVER
     wd_bias = s.WEIGHT_DECAY if s.WEIGHT_DECAY_BIAS is None else s.WEIGHT_DECAY_BIAS
     groups, seen = [], set()
@@ -51,13 +59,30 @@ def get_param_groups(cfg, model: nn.Module) -> List[Dict]:
     return groups
 
 
+def merge_param_groups(groups: List[Dict]) -> List[Dict]:
+    """Merge the groups with equal ``(lr, weight_decay)`` into one.
+
+    Groups are ordered by their first parameter (the order of ``groups``), parameters keep their
+    order within a group; ``"names"`` lists the merged groups' ``"name"`` (when they have one).
+    """
+    merged: Dict = {}
+    for g in groups:
+        key = (float(g["lr"]), float(g["weight_decay"]))
+        m = merged.setdefault(key, {"params": [], "lr": g["lr"], "weight_decay": g["weight_decay"], "names": []})
+        m["params"].extend(g["params"])
+        if "name" in g:
+            m["names"].append(g["name"])
+    return list(merged.values())
+
+
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW (``SOLVER.OPTIMIZER == "ADAMW"``, with ``AMSGRAD``) or SGD (``MOMENTUM``, ``NESTEROV``).
+    """AdamW (``SOLVER.OPTIMIZER == "ADAMW"``, with ``AMSGRAD``) or SGD (``MOMENTUM``, ``NESTEROV``),
+    one parameter group per distinct ``(lr, weight_decay)`` (see :func:`merge_param_groups`).
 
     Raises:
         ValueError: unknown optimizer name, or no trainable parameter.
     """
-    groups = get_param_groups(cfg, model)
+    groups = merge_param_groups(get_param_groups(cfg, model))
     if not groups:
         raise ValueError("the model has no trainable parameter")
     name = cfg.SOLVER.OPTIMIZER.upper()
@@ -88,3 +113,25 @@ def build_lr_lambda(cfg):
         return factor
 
     return lr_lambda
+
+
+def clip_gradients(parameters: Iterable[torch.Tensor], clip_cfg) -> None:
+    """Clip the gradients of ``parameters`` in place as ``SOLVER.CLIP_GRADIENTS`` says (nothing
+    when not ``ENABLED``): ``CLIP_TYPE "value"`` clamps each element to ``[-CLIP_VALUE,
+    CLIP_VALUE]`` (``torch.nn.utils.clip_grad_value_``); ``"norm"`` scales all gradients by
+    ``min(1, CLIP_VALUE / total_norm)``, ``total_norm`` being the ``NORM_TYPE``-norm of all of them
+    together (``torch.nn.utils.clip_grad_norm_``; ``inf`` = max-abs).
+
+    Raises:
+        ValueError: unknown ``CLIP_TYPE``.
+    """
+    if not clip_cfg.ENABLED:
+        return
+    params = [p for p in parameters if p.grad is not None]
+    kind = str(clip_cfg.CLIP_TYPE).lower()
+    if kind == "value":
+        torch.nn.utils.clip_grad_value_(params, float(clip_cfg.CLIP_VALUE))
+    elif kind == "norm":
+        torch.nn.utils.clip_grad_norm_(params, float(clip_cfg.CLIP_VALUE), norm_type=float(clip_cfg.NORM_TYPE))
+    else:
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be 'value' or 'norm', got {clip_cfg.CLIP_TYPE!r}")
