@@ -1,20 +1,29 @@
-"""Engine: LR schedule, parameter groups, non-finite detection, atomic checkpoints, a real-data
-training run whose loss falls, resume == uninterrupted, DDP (2 CPU processes, gloo)."""
+"""Engine: LR schedule, parameter groups (merged), gradient clipping, non-finite detection, atomic
+checkpoints, evaluation of every test dataset keyed by name (evaluators built once), the logged
+LR, a real-data training run whose loss falls, resume == uninterrupted, DDP (2 CPU processes,
+gloo)."""
+import copy
 import csv
 import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 import sparseinst  # noqa: F401
 from instseg.config import get_cfg, setup_cfg
-from instseg.engine import build_lr_lambda, get_param_groups
+from instseg.data import DatasetCatalog, DatasetMapper, MetadataCatalog, annotations_to_masks, make_smoke_dataset, register_coco_instances
+from instseg.engine import build_lr_lambda, build_optimizer, build_trainer, evaluate, get_param_groups, train
 from instseg.engine.callbacks import AtomicCheckpointIO
-from instseg.engine.module import check_finite_losses
+from instseg.engine.module import InstSegDataModule, InstSegModule, check_finite_losses
+from instseg.engine.optim import clip_gradients
+from instseg.evaluation import COCOEvaluator
+from instseg.modeling.registry import META_ARCH_REGISTRY
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_NET = REPO / "tools" / "train_net.py"
@@ -85,6 +94,283 @@ def test_atomic_checkpoint_survives_crash_mid_write(tmp_path, monkeypatch):
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left
+
+
+# ------------------------------------------------------------------ optimizer groups, clipping
+class _GroupsModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+        self.head = torch.nn.Linear(4, 2)
+        self.query_embed = torch.nn.Embedding(3, 4)
+
+    def forward(self, x):
+        f = self.backbone(x).mean(dim=(2, 3))
+        return (self.head(f + self.query_embed.weight.sum(0)) ** 2).sum()
+
+
+@pytest.mark.parametrize("optimizer", ["ADAMW", "SGD"])
+def test_merged_param_groups_give_bit_identical_steps(optimizer):
+    cfg = get_cfg()
+    cfg.SOLVER.OPTIMIZER, cfg.SOLVER.MOMENTUM = optimizer, 0.9
+    cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER = 1e-2, 0.1
+    cfg.SOLVER.WEIGHT_DECAY, cfg.SOLVER.WEIGHT_DECAY_NORM, cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.05, 0.0, 0.0
+    torch.manual_seed(0)
+    per_param_model = _GroupsModel()
+    merged_model = copy.deepcopy(per_param_model)
+    per_param_groups = get_param_groups(cfg, per_param_model)
+    if optimizer == "ADAMW":
+        ref = torch.optim.AdamW(per_param_groups, lr=cfg.SOLVER.BASE_LR)
+    else:
+        ref = torch.optim.SGD(per_param_groups, lr=cfg.SOLVER.BASE_LR, momentum=0.9)
+    opt = build_optimizer(cfg, merged_model)
+    # (1e-3, .05) backbone conv w+b; (1e-3, 0) backbone BN w+b; (1e-2, .05) head w+b; (1e-2, 0) embedding
+    pairs = {(g["lr"], g["weight_decay"]) for g in per_param_groups}
+    assert len(pairs) == 4 and len(opt.param_groups) == 4 and len(ref.param_groups) == 7
+    assert {(g["lr"], g["weight_decay"]) for g in opt.param_groups} == pairs
+    assert sum(len(g["params"]) for g in opt.param_groups) == 7
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        for model, o in ((per_param_model, ref), (merged_model, opt)):
+            o.zero_grad()
+            model(x).backward()
+            o.step()
+    for (name, a), (_, b) in zip(per_param_model.named_parameters(), merged_model.named_parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(per_param_model.head.weight, _GroupsModel().head.weight)  # it did move
+
+
+def _clip_cfg(kind, value, norm_type=2.0):
+    cfg = get_cfg()
+    c = cfg.SOLVER.CLIP_GRADIENTS
+    c.ENABLED, c.CLIP_TYPE, c.CLIP_VALUE, c.NORM_TYPE = True, kind, value, norm_type
+    return cfg
+
+
+def _params_with_grads():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(1, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([12.0])  # 2-norm 13, inf-norm 12
+    return a, b
+
+
+@pytest.mark.parametrize("kind,norm_type,expected_a,expected_b", [
+    ("norm", 2.0, [1.5, 2.0], [6.0]),                        # x 6.5/13
+    ("norm", float("inf"), [3 * 6.5 / 12, 4 * 6.5 / 12], [6.5]),  # x 6.5/12
+    ("norm", 1.0, [3 * 6.5 / 19, 4 * 6.5 / 19], [12 * 6.5 / 19]),  # x 6.5/19
+    ("value", 2.0, [3.0, 4.0], [6.5]),                       # each element clamped to 6.5
+])
+def test_clip_gradients_hand_computed(kind, norm_type, expected_a, expected_b):
+    a, b = _params_with_grads()
+    clip_gradients([a, b], _clip_cfg(kind, 6.5, norm_type).SOLVER.CLIP_GRADIENTS)
+    assert a.grad.tolist() == pytest.approx(expected_a, rel=1e-5)
+    assert b.grad.tolist() == pytest.approx(expected_b, rel=1e-5)
+
+
+def test_clip_gradients_disabled_and_unknown_type():
+    a, b = _params_with_grads()
+    cfg = _clip_cfg("norm", 1.0)
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    clip_gradients([a, b], cfg.SOLVER.CLIP_GRADIENTS)
+    assert a.grad.tolist() == [3.0, 4.0] and b.grad.tolist() == [12.0]
+    with pytest.raises(ValueError, match="CLIP_TYPE"):
+        clip_gradients([a, b], _clip_cfg("full_model", 1.0).SOLVER.CLIP_GRADIENTS)
+
+
+def test_mask_format_other_than_bitmask_is_an_error():
+    cfg = get_cfg()
+    DatasetMapper(cfg, is_train=True)  # "bitmask": fine
+    cfg.INPUT.MASK_FORMAT = "polygon"
+    with pytest.raises(ValueError, match=r"INPUT\.MASK_FORMAT.*rasterized to bitmasks at load time"):
+        DatasetMapper(cfg, is_train=True)
+    assert "VERSION" not in get_cfg()  # the unread key is gone
+
+
+# ------------------------------------------------------------------ engine on a tiny model
+_TINY_ARCH = "_EngineTestTinyArch"  # the class name (fvcore registries key by __name__)
+_ORACLE = {}  # file_name -> (labels, masks): what _EngineTestTinyArch predicts for that image
+
+
+class _EngineTestTinyArch(torch.nn.Module):
+    """Four scalars (``backbone`` gets the backbone LR). Training: a quadratic loss of the image
+    mean. Eval: the ground truth of the images in ``_ORACLE`` (score 1), nothing elsewhere."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.backbone = torch.nn.Linear(1, 1)
+        self.head = torch.nn.Linear(1, 1)
+
+    def forward(self, batch):
+        if self.training:
+            x = torch.stack([b["image"].float().mean() / 255 for b in batch]).view(-1, 1)
+            return {"loss_tiny": (self.head(self.backbone(x)) - 3).pow(2).mean()}
+        outs = []
+        for b in batch:
+            labels, masks = _ORACLE.get(b["file_name"], (torch.zeros(0, dtype=torch.int64),
+                                                         torch.zeros(0, b["height"], b["width"], dtype=torch.bool)))
+            outs.append({"scores": torch.ones(len(labels)), "labels": labels, "masks": masks})
+        return outs
+
+
+if _TINY_ARCH not in META_ARCH_REGISTRY:
+    META_ARCH_REGISTRY.register(_EngineTestTinyArch)
+
+
+def _ground_truth(name):
+    out = {}
+    for d in DatasetCatalog.get(name):
+        annos = d["annotations"]
+        out[d["file_name"]] = (torch.tensor([a["category_id"] for a in annos], dtype=torch.int64),
+                               torch.from_numpy(annotations_to_masks(annos, d["height"], d["width"])))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory):
+    """Two small generated COCO datasets (3 images of 64x64 each), registered under unique names."""
+    root = tmp_path_factory.mktemp("engine_sets")
+    files = make_smoke_dataset(root, num_images=3, image_size=(64, 64), splits=("a", "b"), image_format="png")
+    names = []
+    for split in ("a", "b"):
+        name = f"eng_{split}_{uuid.uuid4().hex[:6]}"
+        register_coco_instances(name, files[split]["json_file"], files[split]["image_root"])
+        names.append(name)
+    yield names
+    for n in names:
+        DatasetCatalog.remove(n)
+        MetadataCatalog.remove(n)
+
+
+@pytest.fixture
+def oracle():
+    _ORACLE.clear()
+    yield _ORACLE
+    _ORACLE.clear()
+
+
+def _tiny_cfg(out, train=(), test=(), max_iter=2):
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE, cfg.MODEL.NUM_CLASSES, cfg.MODEL.DEVICE = _TINY_ARCH, 3, "cpu"
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = tuple(train), tuple(test)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN = (64,), 64
+    cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST = 64, 64
+    cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.MAX_ITER, cfg.SOLVER.CHECKPOINT_PERIOD = 1, max_iter, 0
+    cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.STEPS = 0, ()
+    cfg.SEED, cfg.LOG_PERIOD, cfg.OUTPUT_DIR = 0, 1, str(out)
+    return cfg
+
+
+def test_evaluate_every_test_dataset_keyed_by_name(two_sets, oracle, tmp_path):
+    a, b = two_sets
+    oracle.update(_ground_truth(a))  # perfect on a, nothing predicted on b
+    results = evaluate(_tiny_cfg(tmp_path, test=(a, b)), per_category=True)
+    assert list(results) == [a, b]
+    for task in ("segm", "bbox"):
+        assert results[a][task]["AP"] == pytest.approx(100.0)
+        assert results[b][task]["AP"] == 0.0
+    assert any(k.startswith("AP-") for k in results[a]["segm"])  # per_category reached the evaluator
+    n_gt = sum(len(labels) for labels, _ in oracle.values())
+    preds_a = json.loads((tmp_path / "inference" / a / "coco_instances_results.json").read_text())
+    preds_b = json.loads((tmp_path / "inference" / b / "coco_instances_results.json").read_text())
+    assert len(preds_a) == n_gt > 0 and preds_b == []
+    per_set = json.loads((tmp_path / "inference" / a / "metrics.json").read_text())
+    assert per_set["segm"]["AP"] == pytest.approx(100.0)
+    combined = json.loads((tmp_path / "metrics.json").read_text())
+    assert list(combined) == [a, b] and combined[b]["segm"]["AP"] == 0.0
+
+
+def test_evaluators_built_once_and_reset_between_validations(two_sets, oracle, tmp_path, monkeypatch):
+    a, b = two_sets
+    built = []
+    init = COCOEvaluator.__init__
+
+    def counting_init(self, json_file, *args, **kwargs):
+        built.append(json_file)
+        init(self, json_file, *args, **kwargs)
+
+    monkeypatch.setattr(COCOEvaluator, "__init__", counting_init)
+    cfg = _tiny_cfg(tmp_path, test=(a, b))
+    module, data, trainer = InstSegModule(cfg), InstSegDataModule(cfg), build_trainer(cfg)
+    trainer.limit_val_batches = 1.0
+    trainer.validate(module, datamodule=data, verbose=False)  # nothing predicted: AP 0 on both
+    assert module.eval_results[a]["segm"]["AP"] == 0.0 and module.eval_results[b]["segm"]["AP"] == 0.0
+    oracle.update(_ground_truth(a))
+    trainer.validate(module, datamodule=data, verbose=False)
+    # stale predictions of the first validation would win (first occurrence of an image id)
+    assert module.eval_results[a]["segm"]["AP"] == pytest.approx(100.0)
+    assert module.eval_results[b]["segm"]["AP"] == 0.0
+    assert len(built) == 2 and built[0] != built[1]  # one evaluator per dataset, built once
+    m = trainer.callback_metrics
+    assert float(m[f"{a}/segm/AP"]) == pytest.approx(100.0) and float(m[f"{a}/bbox/AP"]) == pytest.approx(100.0)
+    assert float(m[f"{b}/segm/AP"]) == 0.0
+
+
+def test_train_returns_results_keyed_by_dataset_and_clips_with_cfg(two_sets, oracle, tmp_path, monkeypatch):
+    import instseg.engine.module as module_mod
+
+    a, b = two_sets
+    oracle.update(_ground_truth(b))
+    cfg = _tiny_cfg(tmp_path, train=(a,), test=(a, b), max_iter=3)
+    c = cfg.SOLVER.CLIP_GRADIENTS
+    c.ENABLED, c.CLIP_TYPE, c.CLIP_VALUE, c.NORM_TYPE = True, "norm", 1e-3, float("inf")
+    norms = []
+
+    def recording_clip(params, clip_cfg):
+        params = list(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        norm2_before = float(torch.cat([g.flatten() for g in grads]).norm())
+        clip_gradients(params, clip_cfg)
+        norms.append((norm2_before, max(float(g.abs().max()) for g in grads), float(torch.cat([g.flatten() for g in grads]).norm())))
+
+    monkeypatch.setattr(module_mod, "clip_gradients", recording_clip)
+    results = train(cfg)
+    assert list(results) == [a, b]
+    assert results[a]["segm"]["AP"] == 0.0 and results[b]["segm"]["AP"] == pytest.approx(100.0)
+    assert len(norms) == 3  # once per step
+    for before, max_abs, norm2 in norms:
+        # clipped by the inf-norm (max-abs) to CLIP_VALUE: the 2-norm stays above it (2-norm clipping
+        # would bring the 2-norm, not the max-abs, to 1e-3)
+        assert before > 1e-2 and max_abs == pytest.approx(1e-3, rel=1e-4) and norm2 > 1.05e-3
+
+
+class _RecordLR(Callback):
+    def __init__(self):
+        self.logged, self.group_lrs = {}, {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1  # the iteration just done
+        self.logged[step] = float(trainer.callback_metrics["train/lr"])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        opt = trainer.optimizers[0]
+        self.group_lrs[trainer.global_step] = [g["lr"] for g in opt.param_groups]
+
+
+def test_logged_lr_is_base_lr_times_multiplier_also_after_resume(two_sets, tmp_path):
+    a, _ = two_sets
+
+    def cfg_for(max_iter):
+        cfg = _tiny_cfg(tmp_path, train=(a,), max_iter=max_iter)
+        cfg.SOLVER.BASE_LR, cfg.SOLVER.BACKBONE_MULTIPLIER = 0.01, 0.1
+        cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.WARMUP_FACTOR = 4, 0.1
+        cfg.SOLVER.STEPS, cfg.SOLVER.GAMMA, cfg.SOLVER.CHECKPOINT_PERIOD = (3,), 0.5, 3
+        return cfg
+
+    mult = build_lr_lambda(cfg_for(3))
+    rec = _RecordLR()
+    cfg = cfg_for(3)
+    build_trainer(cfg, extra_callbacks=[rec]).fit(InstSegModule(cfg), datamodule=InstSegDataModule(cfg))
+    rec2 = _RecordLR()
+    cfg2 = cfg_for(5)
+    build_trainer(cfg2, extra_callbacks=[rec2]).fit(InstSegModule(cfg2), datamodule=InstSegDataModule(cfg2),
+                                                     ckpt_path=str(tmp_path / "last.ckpt"))
+    assert sorted(rec.logged) == [0, 1, 2] and sorted(rec2.logged) == [3, 4]
+    for r in (rec, rec2):
+        for step, lr in r.logged.items():
+            assert lr == pytest.approx(0.01 * mult(step), rel=1e-6), step
+            # the backbone group (first) runs 10x lower, the head group at the logged LR
+            assert sorted(r.group_lrs[step]) == pytest.approx(sorted([0.001 * mult(step), 0.01 * mult(step)]), rel=1e-6)
+    assert mult(3) != mult(4) != mult(0)  # the checked values differ from step to step
 
 
 def _train_args(coco128, out, max_iter, extra=()):

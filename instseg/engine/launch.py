@@ -1,8 +1,14 @@
 """Training and evaluation entry points used by ``tools/train_net.py`` and ``tools/eval_net.py``.
 
 Detectron2's ``default_setup`` + ``DefaultTrainer`` rebuilt on Lightning: the Trainer gives the
-loop, DDP (one or many machines; gloo on CPU), AMP (fp16/bf16), gradient clipping, periodic
-checkpoints (written atomically), TensorBoard/CSV logs and a progress bar with ETA.
+loop, DDP (one or many machines; gloo on CPU), AMP (fp16/bf16), gradient clipping (done by
+:class:`InstSegModule` from ``SOLVER.CLIP_GRADIENTS``), periodic checkpoints (written atomically),
+TensorBoard/CSV logs and a progress bar with ETA.
+
+Evaluation covers every dataset of ``DATASETS.TEST``; results are
+``{dataset_name: {"segm": {...}, "bbox": {...}}}``. Files written (rank 0) at each evaluation:
+``OUTPUT_DIR/inference/<dataset_name>/coco_instances_results.json`` and ``.../metrics.json``
+(that dataset), and ``OUTPUT_DIR/metrics.json`` (all datasets, the returned structure).
 """
 from __future__ import annotations
 
@@ -154,7 +160,6 @@ def build_trainer(cfg, num_gpus: int = 1, num_machines: int = 1, machine_rank: i
         save_on_train_epoch_end=False,
         auto_insert_metric_name=False,
     )
-    clip = cfg.SOLVER.CLIP_GRADIENTS
     eval_period = int(cfg.TEST.EVAL_PERIOD)
     has_test = len(cfg.DATASETS.TEST) > 0
     callbacks = [ckpt, RNGStateCallback(), IterationProgressBar(refresh_rate=1 if sys.stdout.isatty() else max(1, int(cfg.LOG_PERIOD))),
@@ -171,8 +176,6 @@ def build_trainer(cfg, num_gpus: int = 1, num_machines: int = 1, machine_rank: i
         check_val_every_n_epoch=None,
         limit_val_batches=1.0 if (has_test and eval_period > 0) else 0,
         num_sanity_val_steps=0,
-        gradient_clip_val=clip.CLIP_VALUE if clip.ENABLED else None,
-        gradient_clip_algorithm=clip.CLIP_TYPE if clip.ENABLED else None,
         callbacks=callbacks,
         logger=[TensorBoardLogger(cfg.OUTPUT_DIR, name="tensorboard", version=""),
                 CSVLogger(cfg.OUTPUT_DIR, name="csv")],  # csv/version_N per (resumed) run: nothing overwritten
@@ -211,7 +214,9 @@ def _check_dataset_files(names) -> None:
 
 
 def train(cfg, resume: bool = False, num_gpus: int = 1, num_machines: int = 1, machine_rank: int = 0, dist_url: str = "") -> Dict:
-    """Train ``cfg`` to ``SOLVER.MAX_ITER``; returns the final evaluation (``{}`` without a test set).
+    """Train ``cfg`` to ``SOLVER.MAX_ITER``; returns the final evaluation of every dataset of
+    ``DATASETS.TEST``, ``{dataset_name: {"segm": {"AP", "AP50", ...}, "bbox": {...}}}`` (``{}``
+    without a test set, and on ranks other than 0).
 
     With ``resume``, continues from ``OUTPUT_DIR/last.ckpt`` at its iteration, with optimizer,
     scheduler and RNG state; when there is none it says so and starts from MODEL.WEIGHTS.
@@ -236,22 +241,32 @@ def train(cfg, resume: bool = False, num_gpus: int = 1, num_machines: int = 1, m
         trainer.validate(module, datamodule=data, verbose=False)
         results = module.eval_results
         if trainer.global_rank == 0:
-            logger.info("Final evaluation on %s: %s", cfg.DATASETS.TEST[0], _fmt(results))
+            for name, res in results.items():
+                logger.info("Final evaluation on %s: %s", name, _fmt(res))
     return results
 
 
 def evaluate(cfg, num_gpus: int = 1, per_category: bool = False) -> Dict:
-    """COCO evaluation of ``MODEL.WEIGHTS`` on ``DATASETS.TEST[0]``; returns the metrics dict."""
+    """COCO evaluation of ``MODEL.WEIGHTS`` on every dataset of ``DATASETS.TEST``.
+
+    Returns:
+        ``{dataset_name: {"segm": {"AP", "AP50", "AP75", "APs", "APm", "APl"[, "AP-<category>"
+        ...]}, "bbox": {...}}}`` on rank 0 (``{}`` on other ranks); files as in the module
+        docstring.
+    """
     if not cfg.DATASETS.TEST:
         raise ValueError("DATASETS.TEST is empty: nothing to evaluate")
     _check_dataset_files(list(cfg.DATASETS.TEST))
-    module = InstSegModule(cfg)
-    module.per_category = per_category
+    module = InstSegModule(cfg, per_category=per_category)
     _load_initial_weights(module, cfg.MODEL.WEIGHTS)
     trainer = build_trainer(cfg, num_gpus)
     trainer.limit_val_batches = 1.0
     trainer.validate(module, datamodule=InstSegDataModule(cfg), verbose=False)
-    return module.eval_results
+    results = module.eval_results
+    if trainer.global_rank == 0:
+        for name, res in results.items():
+            logger.info("Evaluation on %s: %s", name, _fmt(res))
+    return results
 
 
 def _fmt(results: Dict) -> str:

@@ -1,18 +1,23 @@
 """Lightning module and data module around any registered meta-architecture."""
 from __future__ import annotations
 
+import json
 import logging
 import math
-from typing import Dict, List, Optional
+import os
+from typing import TYPE_CHECKING, Dict, List
 
 import lightning as L
 import torch
 
 from ..modeling import build_model
 from ..modeling.matcher import NonFiniteCostError
-from .optim import build_lr_lambda, build_optimizer
+from .optim import build_lr_lambda, build_optimizer, clip_gradients
 
-__all__ = ["InstSegModule", "InstSegDataModule", "check_finite_losses"]
+if TYPE_CHECKING:
+    from ..evaluation import DatasetEvaluator
+
+__all__ = ["InstSegModule", "InstSegDataModule", "check_finite_losses", "dataset_output_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +33,44 @@ def check_finite_losses(losses: Dict[str, torch.Tensor], iteration: int) -> None
             )
 
 
+def dataset_output_dir(output_dir: str, dataset_name: str) -> str:
+    """``output_dir/inference/<dataset_name>``: where the evaluation of one test dataset writes
+    ``coco_instances_results.json`` and ``metrics.json`` (path separators in the name become ``_``)."""
+    safe = dataset_name.replace(os.sep, "_").replace("/", "_")
+    return os.path.join(output_dir, "inference", safe)
+
+
 class InstSegModule(L.LightningModule):
     """Trains ``build_model(cfg)`` (the model returns a dict of weighted losses in training mode)
-    and evaluates it with the COCO evaluator on ``DATASETS.TEST``.
+    and evaluates it with the COCO evaluator on every dataset of ``DATASETS.TEST``.
+
+    Evaluation: validation dataloader ``i`` is ``DATASETS.TEST[i]``. One :class:`COCOEvaluator`
+    per test dataset is built at the first validation (the json is read once) and ``reset()`` at
+    the start of each one. After a validation, :attr:`eval_results` is
+    ``{dataset_name: {"segm": {...}, "bbox": {...}}}`` (rank 0; ``{}`` on the other ranks), the
+    metrics are logged as ``<dataset_name>/<task>/<metric>`` (e.g. ``coco_2017_val/segm/AP``), each
+    dataset's predictions and metrics are written to ``OUTPUT_DIR/inference/<dataset_name>/``
+    (``coco_instances_results.json``, ``metrics.json``) and all datasets' metrics to
+    ``OUTPUT_DIR/metrics.json`` (same structure as :attr:`eval_results`, NaN as ``null``).
+
+    ``train/lr`` logs the base LR, ``SOLVER.BASE_LR`` times the schedule's current multiplier (the
+    backbone's LR is that times ``SOLVER.BACKBONE_MULTIPLIER``). Gradients are clipped as
+    ``SOLVER.CLIP_GRADIENTS`` says (:func:`instseg.engine.optim.clip_gradients`).
 
     A NaN/Inf loss term or matching cost stops the run with :class:`FloatingPointError` naming the
     iteration and the term.
+
+    Args:
+        cfg: the config.
+        per_category: the evaluators also report ``"AP-<category name>"`` per task.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, per_category: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.per_category = bool(per_category)
         self.model = build_model(cfg)
-        self._evaluator = None
+        self._evaluators: Dict[str, "DatasetEvaluator"] = {}
         self._eval_results: Dict = {}
 
     def forward(self, batched_inputs: List[Dict]):
@@ -58,62 +88,103 @@ class InstSegModule(L.LightningModule):
         bs = len(batch)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs, sync_dist=False)
         self.log("train/total_loss", total.detach(), prog_bar=True, batch_size=bs)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"] if self.trainer is not None else 0.0, batch_size=bs)
+        self.log("train/lr", self.current_base_lr(), batch_size=bs)
         return total
+
+    def current_base_lr(self) -> float:
+        """``SOLVER.BASE_LR`` times the LR schedule's multiplier at the scheduler's current step
+        (restored with the checkpoint on resume), i.e. the LR of the non-backbone parameters."""
+        base = float(self.cfg.SOLVER.BASE_LR)
+        if self._trainer is None:
+            return base
+        sched = self.lr_schedulers()
+        if isinstance(sched, list):
+            sched = sched[0]
+        if sched is None:
+            return base
+        return base * float(sched.lr_lambdas[0](sched.last_epoch))
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.cfg, self.model)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(self.cfg))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """``SOLVER.CLIP_GRADIENTS`` (``CLIP_TYPE``, ``CLIP_VALUE``, ``NORM_TYPE``) on the optimizer's
+        parameters; the Trainer's own ``gradient_clip_val`` is not used (it knows only the 2-norm).
+        Under AMP the gradients are already unscaled here."""
+        clip_gradients((p for g in optimizer.param_groups for p in g["params"]), self.cfg.SOLVER.CLIP_GRADIENTS)
+
     # ------------------------------------------------------------------ evaluation
-    def _make_evaluator(self):
+    @property
+    def test_dataset_names(self) -> List[str]:
+        return list(self.cfg.DATASETS.TEST)
+
+    def _make_evaluator(self, name: str):
         from ..data import MetadataCatalog
         from ..evaluation import COCOEvaluator
 
-        name = self.cfg.DATASETS.TEST[0]
         meta = MetadataCatalog.get(name)
         mapping = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
         inv = {v: k for k, v in mapping.items()} if mapping else None
         return COCOEvaluator(
             meta.json_file,
-            output_dir=self.cfg.OUTPUT_DIR,
+            output_dir=dataset_output_dir(self.cfg.OUTPUT_DIR, name),
             contiguous_to_dataset_id=inv,
-            per_category=getattr(self, "per_category", False),
+            per_category=self.per_category,
             max_dets_per_image=self.cfg.TEST.DETECTIONS_PER_IMAGE,
         )
 
-    def on_validation_epoch_start(self):
-        self._evaluator = self._make_evaluator()
-        self._evaluator.reset()
+    def evaluator(self, name: str):
+        """The evaluator of test dataset ``name``, built on first use and kept (COCO json read once)."""
+        if name not in self._evaluators:
+            self._evaluators[name] = self._make_evaluator(name)
+        return self._evaluators[name]
 
-    def validation_step(self, batch: List[Dict], batch_idx: int):
+    def on_validation_epoch_start(self):
+        for name in self.test_dataset_names:
+            self.evaluator(name).reset()
+
+    def validation_step(self, batch: List[Dict], batch_idx: int, dataloader_idx: int = 0):
         outputs = self.model(batch)
-        self._evaluator.process(batch, [{k: v.cpu() for k, v in o.items()} for o in outputs])
+        name = self.test_dataset_names[dataloader_idx]
+        self.evaluator(name).process(batch, [{k: v.cpu() for k, v in o.items()} for o in outputs])
 
     def on_validation_epoch_end(self):
-        results = self._evaluator.evaluate() or {}
+        results: Dict = {}
+        for name in self.test_dataset_names:  # same order on every rank: evaluate() gathers
+            res = self.evaluator(name).evaluate() or {}
+            if res:
+                results[name] = res
         self._eval_results = results
         flat = {}
-        for task, metrics in results.items():
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and not math.isnan(v) and "-" not in k:
-                    flat[f"{task}/{k}"] = float(v)
+        for name, res in results.items():
+            for task, metrics in res.items():
+                for k, v in metrics.items():
+                    if isinstance(v, (int, float)) and not math.isnan(v) and "-" not in k:
+                        flat[f"{name}/{task}/{k}"] = float(v)
         if flat:
             # metrics exist only on rank 0; rank_zero_only logging avoids a cross-rank sync
-            self.log_dict(flat, rank_zero_only=True)
+            self.log_dict(flat, rank_zero_only=True, add_dataloader_idx=False)
+        if results and self.cfg.OUTPUT_DIR:
+            from ..evaluation.coco_evaluation import _nan_to_none
+
+            os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)
+            with open(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"), "w") as f:
+                json.dump(_nan_to_none(results), f, indent=2)
 
     @property
     def eval_results(self) -> Dict:
+        """``{dataset_name: {"segm": {...}, "bbox": {...}}}`` of the last validation (rank 0)."""
         return self._eval_results
 
-    def test_step(self, batch, batch_idx):  # pragma: no cover - alias
-        return self.validation_step(batch, batch_idx)
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):  # pragma: no cover - alias
+        return self.validation_step(batch, batch_idx, dataloader_idx)
 
 
 class InstSegDataModule(L.LightningDataModule):
     """Training loader (infinite, aspect-ratio grouped, sharded per rank, resumable at the
-    restored iteration) and test loader of ``DATASETS.TEST[0]``."""
+    restored iteration) and one test loader per dataset of ``DATASETS.TEST``, in that order."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -134,7 +205,5 @@ class InstSegDataModule(L.LightningDataModule):
     def val_dataloader(self):
         from ..data import build_test_loader
 
-        if not self.cfg.DATASETS.TEST:
-            return []
         rank, world = self._rank_world()
-        return build_test_loader(self.cfg, self.cfg.DATASETS.TEST[0], rank=rank, world_size=world)
+        return [build_test_loader(self.cfg, name, rank=rank, world_size=world) for name in self.cfg.DATASETS.TEST]
