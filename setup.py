@@ -25,13 +25,20 @@ setup(
         "tensorboard>=2.14",
         "pyyaml>=6",
     ],
+    # instseg-quickstart's default config (a copy of configs/sparseinst/smoke_R50_scratch.yaml and
+    # its _BASE_ chain), so that it runs after a non-editable install too.
+    package_data={"instseg.tools": ["configs/*.yaml", "configs/*/*.yaml"]},
     extras_require={
         "test": ["pytest>=7.4"],
         "fast-eval": ["faster-coco-eval>=1.5"],
     },
     entry_points={
         "console_scripts": [
-            "instseg-quickstart=instseg.quickstart:main",
+            "instseg-train=instseg.tools.train_net:main",
+            "instseg-eval=instseg.tools.eval_net:main",
+            "instseg-benchmark=instseg.tools.benchmark_fps:main",
+            "instseg-quickstart=instseg.tools.quickstart:main",
+            "instseg-convert=instseg.tools.convert_official_weights:main",
         ]
     },
 )

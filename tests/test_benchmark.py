@@ -118,9 +118,9 @@ def test_timed_input_is_the_test_mapper_output(tmp_path):
     (folder / src.name).symlink_to(src)
     overrides = ["INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "160"]
     _BenchmarkRecorder.SEEN.clear()
-    tool.main(["--images", str(folder), "--num-iter", "2", "--num-warmup", "1", "--no-flops",
-               "MODEL.META_ARCHITECTURE", RECORDER, "MODEL.DEVICE", "cpu",
-               "OUTPUT_DIR", str(tmp_path)] + overrides)
+    assert tool.main(["--images", str(folder), "--num-iter", "2", "--num-warmup", "1", "--no-flops",
+                      "MODEL.META_ARCHITECTURE", RECORDER, "MODEL.DEVICE", "cpu",
+                      "OUTPUT_DIR", str(tmp_path)] + overrides) == 0  # an exit status for sys.exit
     seen = list(_BenchmarkRecorder.SEEN)
     assert len(seen) == 3  # 1 warm-up + 2 timed calls, one image
 
