@@ -65,5 +65,5 @@ def add_fastinst_config(cfg) -> None:
 
     # Inference (official fastinst.py instance_inference): top TEST.DETECTIONS_PER_IMAGE
     # (query, class) pairs by softmax score; masks = sigmoid > MASK_THRESHOLD; no NMS.
-    fi.TEST = CN()
-    fi.TEST.MASK_THRESHOLD = 0.5
+    # (MODEL.<NAME>.MASK_THRESHOLD in every model; the official key is TEST.MASK_THRESHOLD.)
+    fi.MASK_THRESHOLD = 0.5

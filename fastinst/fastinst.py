@@ -10,8 +10,10 @@ for GT-mask-guided learning), so its ``empty_weight`` buffer appears under both 
 
 Inference (official ``instance_inference``): softmax over K + 1 classes without the no-object
 column, the top ``TEST.DETECTIONS_PER_IMAGE`` (100) (query, class) pairs of all N_a x K, no NMS;
-mask logits bilinearly upsampled to the padded input, cropped, resized to the original image;
-mask = sigmoid > ``MASK_THRESHOLD`` (0.5); score x mean mask probability inside the mask.
+then the shared dense post-processing (:func:`instseg.modeling.dense_masks_to_instances`): mask
+logits bilinearly upsampled to the padded input, cropped, resized to the original image;
+mask = sigmoid > ``MODEL.FASTINST.MASK_THRESHOLD`` (0.5); score x mean mask probability inside
+the mask.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, boxes_from_masks, masks_to_original
+from instseg.config import configurable
+from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, collect_targets, dense_masks_to_instances, select_top
 from instseg.modeling.backbone import build_backbone
 from instseg.modeling.encoders import PPMFPN
 
@@ -35,7 +38,7 @@ class FastInstHead(nn.Module):
     """``pixel_decoder`` (PPM-FPN) + ``predictor`` (Transformer decoder), official names.
 
     ``forward(features, targets=None)``: backbone features ``{res3, res4, res5}`` -> the decoder's
-    output dict (see :meth:`fastinst.transformer_decoder.FastInstDecoder.forward`).
+    output dict (see :meth:`fastinst.dual_path_decoder.FastInstDecoder.forward`).
     """
 
     def __init__(self, pixel_decoder: nn.Module, predictor: nn.Module, num_classes: int):
@@ -45,7 +48,9 @@ class FastInstHead(nn.Module):
         self.num_classes = num_classes
 
     @classmethod
-    def from_config(cls, cfg, input_shape) -> "FastInstHead":
+    def from_config(cls, cfg, input_shape, criterion=None) -> "FastInstHead":
+        """Raises ValueError: the pixel decoder's width differs from the decoder's, or it does not
+        read 3 levels."""
         fi = cfg.MODEL.FASTINST
         if fi.PIXEL_DECODER.CONVS_DIM != fi.HIDDEN_DIM:
             raise ValueError(
@@ -54,7 +59,8 @@ class FastInstHead(nn.Module):
             )
         if len(fi.PIXEL_DECODER.IN_FEATURES) != 3:
             raise ValueError(f"the pixel decoder needs 3 levels (E3, E4, E5), got {list(fi.PIXEL_DECODER.IN_FEATURES)}")
-        return cls(PPMFPN.from_config(fi.PIXEL_DECODER, input_shape), build_transformer_decoder(cfg), cfg.MODEL.NUM_CLASSES)
+        return cls(PPMFPN.from_config(fi.PIXEL_DECODER, input_shape), build_transformer_decoder(cfg, criterion),
+                   cfg.MODEL.NUM_CLASSES)
 
     def forward(self, features: Dict[str, torch.Tensor], targets=None) -> Dict:
         return self.predictor(self.pixel_decoder(features), targets)
@@ -64,23 +70,49 @@ class FastInstHead(nn.Module):
 class FastInst(MetaArchBase):
     """``model(batched_inputs)``: training -> dict of weighted scalar losses; eval -> one dict per
     image with ``scores`` ``(K,)``, ``labels`` int64 ``(K,)``, ``masks`` bool ``(K, height, width)``
-    and ``boxes`` ``(K, 4)`` xyxy pixels (the masks' tight boxes) at the original size.
+    and ``boxes`` ``(K, 4)`` xyxy pixels (the masks' tight boxes) at the original size,
+    ``K = min(detections_per_image, N_a x classes)``.
+
+    Args:
+        backbone: returns ``{res3, res4, res5}``.
+        sem_seg_head: :class:`FastInstHead` (PPM-FPN + decoder); its decoder holds ``criterion``
+            (official layout: the matcher is needed for GT-mask-guided learning).
+        criterion: :class:`fastinst.criterion.FastInstCriterion`.
+        pixel_mean, pixel_std, size_divisibility, detections_per_image, mask_threshold:
+            :class:`instseg.modeling.MetaArchBase` (mask threshold 0.5, official).
     """
 
-    def __init__(self, cfg):
-        super().__init__(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.MODEL.SIZE_DIVISIBILITY)
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        sem_seg_head: nn.Module,
+        criterion: nn.Module,
+        pixel_mean,
+        pixel_std,
+        size_divisibility: int = 32,
+        detections_per_image: int = 100,
+        mask_threshold: float = 0.5,
+    ):
+        super().__init__(pixel_mean, pixel_std, size_divisibility, detections_per_image, mask_threshold)
+        self.backbone = backbone
+        self.sem_seg_head = sem_seg_head
+        self.criterion = criterion
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
         if cfg.MODEL.NUM_CLASSES < 1:
             raise ValueError(f"MODEL.NUM_CLASSES must be >= 1, got {cfg.MODEL.NUM_CLASSES} (-1 is resolved by the tools)")
-        fi = cfg.MODEL.FASTINST
-        self.backbone = build_backbone(cfg)
-        self.sem_seg_head = FastInstHead.from_config(cfg, self.backbone.output_shape())
-        self.criterion = FastInstCriterion.from_config(cfg)
-        self.sem_seg_head.predictor.criterion = self.criterion  # official layout (see module docstring)
-        self.num_classes = cfg.MODEL.NUM_CLASSES
-        self.max_detections = cfg.TEST.DETECTIONS_PER_IMAGE
-        self.mask_threshold = fi.TEST.MASK_THRESHOLD
-        if not 0 < self.mask_threshold < 1:
-            raise ValueError(f"MODEL.FASTINST.TEST.MASK_THRESHOLD must be in (0, 1), got {self.mask_threshold}")
+        backbone = build_backbone(cfg)
+        criterion = FastInstCriterion.from_config(cfg)
+        return {
+            **cls.base_config(cfg),
+            "backbone": backbone,
+            "sem_seg_head": FastInstHead.from_config(cfg, backbone.output_shape(), criterion),
+            "criterion": criterion,
+            "mask_threshold": cfg.MODEL.FASTINST.MASK_THRESHOLD,
+        }
 
     def flops_forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Network only (no pre/post-processing): normalized ``(B, 3, H, W)`` -> decoder outputs."""
@@ -98,11 +130,8 @@ class FastInst(MetaArchBase):
         """
         hp, wp = padded_size
         targets = []
-        for x in batched_inputs:
-            if "instances" not in x:
-                raise KeyError("training inputs need 'instances' (labels, masks); got keys " + str(sorted(x)))
-            inst = x["instances"]
-            labels, masks = inst["labels"].to(device), inst["masks"].to(device)
+        for t in collect_targets(batched_inputs, ("labels", "masks"), device):
+            labels, masks = t["labels"], t["masks"]
             if masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
                 raise ValueError(f"instances: {labels.shape[0]} labels but masks of shape {tuple(masks.shape)}")
             h, w = masks.shape[-2:]
@@ -128,27 +157,19 @@ class FastInst(MetaArchBase):
     def inference(self, outputs, batched_inputs, image_sizes, padded_size) -> List[Dict[str, torch.Tensor]]:
         probs = F.softmax(outputs["pred_logits"].float(), dim=-1)[..., :-1]  # (B, N, K)
         mask_logits = outputs["pred_masks"].float()
-        n, k = probs.shape[1:]
+        k = probs.shape[2]
         results = []
         for i, x in enumerate(batched_inputs):
             out_h, out_w = int(x.get("height", image_sizes[i][0])), int(x.get("width", image_sizes[i][1]))
-            scores, idx = probs[i].flatten().topk(min(self.max_detections, n * k), sorted=True)
+            scores, idx = select_top(probs[i], self.detections_per_image)
             labels = idx % k
             queries = torch.div(idx, k, rounding_mode="floor")
             # upsample each selected query once, even when it is kept with several classes
             uniq, inverse = torch.unique(queries, return_inverse=True)
             duplicates = uniq.numel() < queries.numel()
-            sel = uniq if duplicates else queries
-            probs_full = masks_to_original(mask_logits[i][sel], padded_size, image_sizes[i], (out_h, out_w)).sigmoid_()
-            binary = probs_full > self.mask_threshold
-            # mean probability inside the mask, in place (no second full-size float tensor)
-            mask_scores = probs_full.masked_fill_(~binary, 0).sum((1, 2)) / (binary.sum((1, 2)) + 1e-6)
-            if duplicates:
-                binary, mask_scores = binary[inverse], mask_scores[inverse]
-            results.append({
-                "scores": scores * mask_scores,
-                "labels": labels,
-                "masks": binary,
-                "boxes": boxes_from_masks(binary),
-            })
+            results.append(dense_masks_to_instances(
+                mask_logits[i][uniq if duplicates else queries], scores, labels, padded_size, image_sizes[i],
+                (out_h, out_w), mask_threshold=self.mask_threshold, maps_are_logits=True, rescore_with_mask=True,
+                index=inverse if duplicates else None,
+            ))
         return results

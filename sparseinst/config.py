@@ -68,9 +68,9 @@ def add_sparseinst_config(cfg) -> None:
     si.MATCHER.ALPHA = 0.8
     si.MATCHER.BETA = 0.2
 
-    # Inference (Sec. 3.6; official sparseinst.py): no NMS, no sorting.
+    # Inference (Sec. 3.6; official sparseinst.py): no NMS. At most TEST.DETECTIONS_PER_IMAGE
+    # instances per image (the shared key of every model).
     si.CLS_THRESHOLD = 0.005
     si.MASK_THRESHOLD = 0.45
-    si.MAX_DETECTIONS = 100
     si.RESCORE_WITH_OBJECTNESS = True  # ablation, Table 6 "rescore?": p~ = sqrt(p * s)
     si.RESCORE_WITH_MASK = True  # multiply by the mean mask probability inside the mask

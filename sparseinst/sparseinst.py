@@ -1,20 +1,24 @@
 """SparseInst meta-architecture (Cheng et al., "Sparse Instance Activation for Real-Time Instance
 Segmentation", CVPR 2022): backbone -> instance context encoder -> IAM-based decoder.
 
-Inference (Sec. 3.6 and the official ``sparseinst/sparseinst.py``) has no NMS and no sorting:
+Inference (Sec. 3.6 and the official ``sparseinst/sparseinst.py``) has no NMS:
 ``score = sqrt(sigmoid(cls) * sigmoid(objectness))`` (Table 6 rescoring), max over classes, keep
-scores above ``CLS_THRESHOLD`` (0.005), multiply by the mean mask probability inside the
-binarized mask (``MASK_THRESHOLD`` 0.45), upsample the mask probabilities to the padded input,
-crop, resize to the original image and threshold at 0.45; boxes are the masks' tight boxes.
+scores above ``CLS_THRESHOLD`` (0.005), at most ``TEST.DETECTIONS_PER_IMAGE`` of them (the
+highest; the official code keeps all, at most N = 100), multiply by the mean mask probability
+inside the binarized mask (``MASK_THRESHOLD`` 0.45) at 1/4, then the shared dense
+post-processing (:func:`instseg.modeling.dense_masks_to_instances`): upsample the mask
+probabilities to the padded input, crop, resize to the original image, foreground where
+``> 0.45``; boxes are the masks' tight boxes.
 """
 from __future__ import annotations
 
 from typing import Dict, List
 
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, boxes_from_masks, masks_to_original
+from instseg.config import configurable
+from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, collect_targets, dense_masks_to_instances, select_top
 from instseg.modeling.backbone import build_backbone
 
 from .decoder import IAMDecoder
@@ -28,22 +32,64 @@ __all__ = ["SparseInst"]
 class SparseInst(MetaArchBase):
     """``model(batched_inputs)``: training -> dict of weighted scalar losses; eval -> one dict per
     image with ``scores`` ``(K,)``, ``labels`` int64 ``(K,)``, ``masks`` bool ``(K, height, width)``
-    and ``boxes`` ``(K, 4)`` xyxy pixels at the original size (docs/architecture.md, Data contract).
+    and ``boxes`` ``(K, 4)`` xyxy pixels at the original size (docs/architecture.md, data contract),
+    ``K <= detections_per_image``, sorted by descending score.
+
+    Args:
+        backbone: returns ``{res3, res4, res5}`` (a :class:`instseg.modeling.backbone.Backbone`).
+        encoder: instance context encoder, features -> ``(B, C, H/8, W/8)``.
+        decoder: IAM-based decoder (:class:`sparseinst.decoder.IAMDecoder`).
+        criterion: :class:`sparseinst.loss.SparseInstCriterion`.
+        cls_threshold: keep instances whose (rescored) class probability is above it
+            (``MODEL.SPARSE_INST.CLS_THRESHOLD``, 0.005, official).
+        rescore_with_objectness: ``sqrt(p * sigmoid(objectness))`` (Table 6).
+        rescore_with_mask: times the mean mask probability inside the mask at 1/4 (official).
+        pixel_mean, pixel_std, size_divisibility, detections_per_image, mask_threshold:
+            :class:`instseg.modeling.MetaArchBase` (mask threshold 0.45, official).
     """
 
-    def __init__(self, cfg):
-        super().__init__(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.MODEL.SIZE_DIVISIBILITY)
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        criterion: nn.Module,
+        pixel_mean,
+        pixel_std,
+        size_divisibility: int = 32,
+        detections_per_image: int = 100,
+        mask_threshold: float = 0.45,
+        cls_threshold: float = 0.005,
+        rescore_with_objectness: bool = True,
+        rescore_with_mask: bool = True,
+    ):
+        super().__init__(pixel_mean, pixel_std, size_divisibility, detections_per_image, mask_threshold)
+        self.backbone = backbone
+        self.encoder = encoder
+        self.decoder = decoder
+        self.criterion = criterion
+        self.cls_threshold = float(cls_threshold)
+        self.rescore_with_objectness = bool(rescore_with_objectness)
+        self.rescore_with_mask = bool(rescore_with_mask)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
         s = cfg.MODEL.SPARSE_INST
-        self.backbone = build_backbone(cfg)
-        self.encoder = InstanceContextEncoder.from_config(cfg, self.backbone.output_shape())
-        self.decoder = IAMDecoder.from_config(cfg, self.encoder.out_channels)
-        self.criterion = SparseInstCriterion.from_config(cfg)
-        self.num_classes = cfg.MODEL.NUM_CLASSES
-        self.cls_threshold = s.CLS_THRESHOLD
-        self.mask_threshold = s.MASK_THRESHOLD
-        self.max_detections = s.MAX_DETECTIONS
-        self.rescore_with_objectness = s.RESCORE_WITH_OBJECTNESS and s.LOSS.OBJECTNESS_LOSS != "none"
-        self.rescore_with_mask = s.RESCORE_WITH_MASK
+        backbone = build_backbone(cfg)
+        encoder = InstanceContextEncoder.from_config(cfg, backbone.output_shape())
+        return {
+            **cls.base_config(cfg),
+            "backbone": backbone,
+            "encoder": encoder,
+            "decoder": IAMDecoder.from_config(cfg, encoder.out_channels),
+            "criterion": SparseInstCriterion.from_config(cfg),
+            "mask_threshold": s.MASK_THRESHOLD,
+            "cls_threshold": s.CLS_THRESHOLD,
+            "rescore_with_objectness": s.RESCORE_WITH_OBJECTNESS and s.LOSS.OBJECTNESS_LOSS != "none",
+            "rescore_with_mask": s.RESCORE_WITH_MASK,
+        }
 
     def flops_forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Network only (no pre/post-processing): normalized ``(B, 3, H, W)`` -> decoder outputs."""
@@ -53,34 +99,29 @@ class SparseInst(MetaArchBase):
         images, sizes = self.preprocess_images(batched_inputs)
         outputs = self.flops_forward(images)
         if self.training:
-            targets = []
-            for x in batched_inputs:
-                if "instances" not in x:
-                    raise KeyError("training inputs need 'instances' (labels, masks); got keys " + str(sorted(x)))
-                inst = x["instances"]
-                targets.append({"labels": inst["labels"].to(self.device), "masks": inst["masks"].to(self.device)})
+            targets = collect_targets(batched_inputs, ("labels", "masks"), self.device)
             return self.criterion(outputs, targets, tuple(images.shape[-2:]))
         return self.inference(outputs, batched_inputs, sizes, tuple(images.shape[-2:]))
 
     @torch.no_grad()
     def inference(self, outputs, batched_inputs, image_sizes, padded_size) -> List[Dict[str, torch.Tensor]]:
         probs = outputs["pred_logits"].float().sigmoid()
-        if self.rescore_with_objectness:
+        if self.rescore_with_objectness and "pred_scores" in outputs:
             probs = torch.sqrt(probs * outputs["pred_scores"].float().sigmoid())
         mask_probs = outputs["pred_masks"].float().sigmoid()
         results = []
         for i, x in enumerate(batched_inputs):
             out_h, out_w = int(x.get("height", image_sizes[i][0])), int(x.get("width", image_sizes[i][1]))
             scores, labels = probs[i].max(dim=-1)
-            keep = scores > self.cls_threshold
-            scores, labels, m = scores[keep], labels[keep], mask_probs[i][keep]
-            if scores.numel() > self.max_detections:
-                top = scores.topk(self.max_detections).indices
-                scores, labels, m = scores[top], labels[top], m[top]
+            keep = (scores > self.cls_threshold).nonzero(as_tuple=True)[0]
+            top_scores, top = select_top(scores[keep], self.detections_per_image)
+            keep = keep[top]
+            scores, labels, m = top_scores, labels[keep], mask_probs[i][keep]
             if self.rescore_with_mask and scores.numel():
                 binary = (m > self.mask_threshold).float()
                 scores = scores * (m * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-            m = masks_to_original(m, padded_size, image_sizes[i], (out_h, out_w))
-            masks = m > self.mask_threshold
-            results.append({"scores": scores, "labels": labels, "masks": masks, "boxes": boxes_from_masks(masks)})
+            results.append(dense_masks_to_instances(
+                m, scores, labels, padded_size, image_sizes[i], (out_h, out_w),
+                mask_threshold=self.mask_threshold, maps_are_logits=False,
+            ))
         return results

@@ -173,8 +173,8 @@ def test_gt_mask_guided_attention_masks_equal_matched_gt_masks(dual_path):
     nq, naux, heads, d = 6, 2, 4, 2
     kw = dict(num_classes=3, hidden_dim=32, num_queries=nq, num_aux_queries=naux, nheads=heads, dim_feedforward=64,
               dec_layers=d, mask_dim=32, gt_mask_guided=True, ia_guided_queries=True)
-    dec = (FastInstDecoder if dual_path else Mask2FormerLightDecoder)(**kw).train()
-    dec.criterion = FastInstCriterion(3, MaskLocationMatcher(num_points=300))
+    dec = (FastInstDecoder if dual_path else Mask2FormerLightDecoder)(
+        **kw, criterion=FastInstCriterion(3, MaskLocationMatcher(num_points=300))).train()
     layers = dec.transformer_query_cross_attention_layers if dual_path else dec.transformer_cross_attention_layers
     calls = _record_memory_masks(dec, layers)
     feats = [torch.randn(1, 32, 2, 2), torch.randn(1, 32, 4, 4), torch.randn(1, 32, 8, 8)]  # E5, E4, E3 of 64x64
@@ -325,7 +325,7 @@ def test_inference_top_k_pairs_and_mask_rescoring():
     q3 = (top.indices // 3).tolist().index(3)
     assert not res["masks"][q3].any() and res["scores"][q3] == 0  # empty mask -> score 0
     # top-2 = two different queries (no duplicate): same masks and scores as in the top-5
-    model.max_detections = 2
+    model.detections_per_image = 2
     res2 = model.inference({"pred_logits": logits, "pred_masks": masks}, [{"height": 32, "width": 32}], [(32, 32)], (32, 32))[0]
     assert torch.equal(res2["masks"], res["masks"][:2]) and torch.allclose(res2["scores"], res["scores"][:2])
     q0 = (top.indices // 3).tolist().index(0)

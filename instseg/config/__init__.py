@@ -1,3 +1,4 @@
 from .config import CfgNode, get_cfg, register_config_hook, setup_cfg
+from .configurable import configurable
 
-__all__ = ["CfgNode", "get_cfg", "register_config_hook", "setup_cfg"]
+__all__ = ["CfgNode", "configurable", "get_cfg", "register_config_hook", "setup_cfg"]

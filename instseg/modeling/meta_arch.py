@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Dict, List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import masks_to_boxes
 
-__all__ = ["MetaArchBase", "pad_to_divisible", "masks_to_original", "boxes_from_masks"]
+from .postprocessing import boxes_from_masks, masks_to_original
+
+__all__ = ["MetaArchBase", "boxes_from_masks", "collect_targets", "masks_to_original", "pad_to_divisible"]
 
 
 def pad_to_divisible(
@@ -39,59 +39,78 @@ def pad_to_divisible(
     return out, sizes
 
 
-def masks_to_original(
-    mask_logits: torch.Tensor,
-    padded_size: Tuple[int, int],
-    image_size: Tuple[int, int],
-    output_size: Tuple[int, int],
-) -> torch.Tensor:
-    """Resize per-instance mask maps to the original image (Detectron2's post-processing).
+def collect_targets(batched_inputs: Sequence[Dict], keys: Sequence[str], device) -> List[Dict[str, torch.Tensor]]:
+    """The ground truth of a training batch: per image ``{key: inputs["instances"][key]}`` moved to
+    ``device`` (``labels`` int64 ``(M,)``, ``masks`` bool ``(M, H, W)``, ``boxes`` float ``(M, 4)``
+    xyxy pixels of the augmented image; docs/architecture.md, "Data contract").
 
-    ``mask_logits`` ``(K, h, w)`` at a stride of the padded input is bilinearly upsampled to
-    ``padded_size`` ``(Hp, Wp)``, cropped to the unpadded ``image_size`` (after augmentation) and
-    bilinearly resized to ``output_size`` ``(height, width)``. Returns ``(K, height, width)`` in the
-    input's dtype (values are not thresholded). When the crop already has ``output_size`` (no test
-    resize) the second resize is skipped: a same-size bilinear resize is the identity.
+    Raises:
+        KeyError: an input has no ``"instances"``, or they lack one of ``keys`` (both named).
     """
-    if mask_logits.numel() == 0:
-        return mask_logits.new_zeros((mask_logits.shape[0],) + tuple(output_size))
-    x = F.interpolate(mask_logits[:, None], size=tuple(padded_size), mode="bilinear", align_corners=False)
-    x = x[:, :, : image_size[0], : image_size[1]]
-    if tuple(image_size) != tuple(output_size):
-        x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)
-    return x[:, 0]
-
-
-def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
-    """Tight ``(K, 4)`` xyxy float boxes (pixels) of bool masks ``(K, H, W)``; empty masks give zeros.
-
-    Uses :func:`torchvision.ops.masks_to_boxes`, whose ``x2``/``y2`` are the last foreground
-    pixel's index; we add 1 so that the box covers the pixel (COCO convention).
-    """
-    boxes = masks.new_zeros((masks.shape[0], 4), dtype=torch.float32)
-    if masks.numel() == 0:
-        return boxes
-    nonempty = masks.flatten(1).any(1)
-    if nonempty.any():
-        b = masks_to_boxes(masks[nonempty]).float()
-        b[:, 2:] += 1
-        boxes[nonempty] = b
-    return boxes
+    targets = []
+    for x in batched_inputs:
+        if "instances" not in x:
+            raise KeyError(f"training inputs need 'instances' ({', '.join(keys)}); got keys {sorted(x)}")
+        inst = x["instances"]
+        missing = [k for k in keys if k not in inst]
+        if missing:
+            raise KeyError(f"training 'instances' lack {missing} (have {sorted(inst)})")
+        targets.append({k: inst[k].to(device) for k in keys})
+    return targets
 
 
 class MetaArchBase(nn.Module):
-    """Base class: pixel normalization and padding from the config, and the device property.
+    """Base class of the four meta-architectures: pixel normalization and padding, the device,
+    and the inference knobs that mean the same in every model.
 
-    Subclasses implement ``forward(batched_inputs)`` following the data contract (docs/architecture.md).
+    Args:
+        pixel_mean, pixel_std: RGB, 0-255 scale (``MODEL.PIXEL_MEAN`` / ``MODEL.PIXEL_STD``).
+        size_divisibility: the padded batch is a multiple of it (``MODEL.SIZE_DIVISIBILITY``).
+        detections_per_image: at most this many instances per image, the highest scores
+            (``TEST.DETECTIONS_PER_IMAGE``; :func:`instseg.modeling.postprocessing.select_top`).
+        mask_threshold: a pixel is foreground when its probability is ``> mask_threshold``
+            (``MODEL.<NAME>.MASK_THRESHOLD``, the official default of each model).
+
+    Subclasses implement ``forward(batched_inputs)`` following the data contract
+    (docs/architecture.md) and take their parts as keyword arguments, with a ``from_config(cfg)``
+    classmethod (:func:`instseg.config.configurable`).
+
+    Raises:
+        ValueError: mean/std without 3 values, ``detections_per_image < 1`` or a mask threshold
+            outside ``(0, 1)``.
     """
 
-    def __init__(self, pixel_mean: Sequence[float], pixel_std: Sequence[float], size_divisibility: int):
+    def __init__(
+        self,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        size_divisibility: int,
+        detections_per_image: int = 100,
+        mask_threshold: float = 0.5,
+    ):
         super().__init__()
         if len(pixel_mean) != 3 or len(pixel_std) != 3:
             raise ValueError("PIXEL_MEAN and PIXEL_STD need 3 values (RGB)")
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), False)
         self.size_divisibility = int(size_divisibility)
+        if int(detections_per_image) < 1:
+            raise ValueError(f"TEST.DETECTIONS_PER_IMAGE must be >= 1, got {detections_per_image}")
+        if not 0.0 < float(mask_threshold) < 1.0:
+            raise ValueError(f"the mask threshold must be in (0, 1), got {mask_threshold}")
+        self.detections_per_image = int(detections_per_image)
+        self.mask_threshold = float(mask_threshold)
+
+    @staticmethod
+    def base_config(cfg) -> Dict:
+        """The base class's arguments from ``cfg`` (for the subclasses' ``from_config``); the mask
+        threshold is each model's own key and is added by the subclass."""
+        return {
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": cfg.MODEL.SIZE_DIVISIBILITY,
+            "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
 
     @property
     def device(self) -> torch.device:
