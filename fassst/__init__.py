@@ -5,7 +5,7 @@ from .config import add_fassst_config
 from .criterion import FASSSTCriterion
 from .fassst import FASSST
 from .instance_attention import InstanceAttentionModule
-from .mask_tail import MaskTail, paste_masks_in_boxes
+from .mask_tail import MaskTail
 from .network_head import build_fassst_mobilenet_v2_backbone
 from .rff import PyramidMaskLayers, RoIFeatureFusion, fuse_roi_features
 
@@ -19,5 +19,4 @@ __all__ = [
     "add_fassst_config",
     "build_fassst_mobilenet_v2_backbone",
     "fuse_roi_features",
-    "paste_masks_in_boxes",
 ]

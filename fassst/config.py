@@ -99,5 +99,4 @@ def add_fassst_config(cfg) -> None:
     # Inference.
     fa.SCORE_THRESHOLD = 0.05
     fa.MASK_THRESHOLD = 0.5
-    fa.MAX_DETECTIONS = 100
     fa.NMS_THRESHOLD = 0.0  # 0 = no NMS (set prediction); > 0: class-wise box NMS (torchvision)

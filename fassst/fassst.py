@@ -8,25 +8,35 @@ features (Eq. 3-4) and the mask tail (5 convs + 1 deconv) predicts each instance
 
 Inference (our reading; the paper describes none): per slot, score = max class probability
 (times the confidence when ``IAM.CONFIDENCE``), label = its argmax; slots above
-``SCORE_THRESHOLD`` (0.05), at most ``MAX_DETECTIONS``, no NMS (one-to-one assignment in
-training makes the slots a set; ``NMS_THRESHOLD > 0`` adds class-wise box NMS). Boxes are clipped
-to the image; their ``2S x 2S`` mask probabilities are pasted into the boxes scaled to the
-original image size and thresholded at ``MASK_THRESHOLD`` (0.5). Returned ``boxes`` are the slot
-boxes at the original size.
+``SCORE_THRESHOLD`` (0.05), at most ``TEST.DETECTIONS_PER_IMAGE`` (the highest), no NMS
+(one-to-one assignment in training makes the slots a set; ``NMS_THRESHOLD > 0`` adds class-wise
+box NMS). Boxes are clipped to the input image and are the RoIs of the mask tail; then the shared
+RoI post-processing (:func:`instseg.modeling.roi_masks_to_instances`): the ``2S x 2S`` mask
+probabilities are pasted into those boxes scaled to the original image size, foreground where
+``> MASK_THRESHOLD`` (0.5). Returned ``boxes`` are the slot boxes at the original size.
 """
 from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
 import torch
+from torch import nn
 from torchvision.ops import batched_nms
 
-from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, boxes_from_masks
+from instseg.config import configurable
+from instseg.modeling import (
+    META_ARCH_REGISTRY,
+    MetaArchBase,
+    boxes_from_masks,
+    collect_targets,
+    roi_masks_to_instances,
+    select_top,
+)
 from instseg.modeling.backbone import build_backbone
 
 from .criterion import FASSSTCriterion
 from .instance_attention import InstanceAttentionModule, tlbr_to_xyxy
-from .mask_tail import MaskTail, paste_masks_in_boxes
+from .mask_tail import MaskTail
 from .rff import PyramidMaskLayers, RoIFeatureFusion
 
 __all__ = ["FASSST"]
@@ -45,14 +55,45 @@ class FASSST(MetaArchBase):
             double, or any invalid module option (the message names the key).
     """
 
-    def __init__(self, cfg):
-        super().__init__(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.MODEL.SIZE_DIVISIBILITY)
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        iam: nn.Module,
+        mask_layers: nn.Module,
+        rff: nn.Module,
+        mask_tail: nn.Module,
+        criterion: nn.Module,
+        iam_feature: str,
+        pyramid_features: List[str],
+        pixel_mean,
+        pixel_std,
+        size_divisibility: int = 32,
+        detections_per_image: int = 100,
+        mask_threshold: float = 0.5,
+        score_threshold: float = 0.05,
+        nms_threshold: float = 0.0,
+    ):
+        super().__init__(pixel_mean, pixel_std, size_divisibility, detections_per_image, mask_threshold)
+        self.backbone = backbone
+        self.iam = iam
+        self.mask_layers = mask_layers
+        self.rff = rff
+        self.mask_tail = mask_tail
+        self.criterion = criterion
+        self.iam_feature = iam_feature
+        self.pyramid_features = list(pyramid_features)
+        self.score_threshold = float(score_threshold)
+        self.nms_threshold = float(nms_threshold)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
         f = cfg.MODEL.FASSST
         if cfg.MODEL.NUM_CLASSES < 1:
             raise ValueError(f"MODEL.NUM_CLASSES must be >= 1 (the tools resolve -1 from the dataset), got {cfg.MODEL.NUM_CLASSES}")
-        self.num_classes = cfg.MODEL.NUM_CLASSES
-        self.backbone = build_backbone(cfg)
-        shapes = self.backbone.output_shape()
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
         if f.IAM.IN_FEATURE not in shapes:
             raise ValueError(
                 f"MODEL.FASSST.IAM.IN_FEATURE '{f.IAM.IN_FEATURE}' is not an output of {cfg.MODEL.BACKBONE.NAME} "
@@ -64,26 +105,29 @@ class FASSST(MetaArchBase):
             raise ValueError(f"MODEL.FASSST.PYRAMID.IN_FEATURES {missing} are not outputs of the backbone ({sorted(shapes)})")
         if not f.RFF.ENABLED:
             pyramid = pyramid[:1]  # Table 9 "without": only the first pyramid mask layer is used
-        self.iam_feature = f.IAM.IN_FEATURE
-        self.pyramid_features = pyramid
-        self.iam = InstanceAttentionModule.from_config(cfg, shapes[self.iam_feature].channels)
-        self.mask_layers = PyramidMaskLayers(
-            [shapes[p].channels for p in pyramid], dim=f.PYRAMID.DIM, num_convs=f.PYRAMID.NUM_CONVS, norm=f.PYRAMID.NORM
-        )
-        self.rff = RoIFeatureFusion(
-            [shapes[p].stride for p in pyramid],
-            roi_size=f.RFF.ROI_SIZE,
-            enabled=f.RFF.ENABLED,
-            upsample=f.RFF.UPSAMPLE,
-            sampling_ratio=f.RFF.SAMPLING_RATIO,
-            aligned=f.RFF.ALIGNED,
-        )
-        self.mask_tail = MaskTail.from_config(cfg, f.PYRAMID.DIM)
-        self.criterion = FASSSTCriterion.from_config(cfg)
-        self.score_threshold = f.SCORE_THRESHOLD
-        self.mask_threshold = f.MASK_THRESHOLD
-        self.max_detections = f.MAX_DETECTIONS
-        self.nms_threshold = f.NMS_THRESHOLD
+        return {
+            **cls.base_config(cfg),
+            "backbone": backbone,
+            "iam": InstanceAttentionModule.from_config(cfg, shapes[f.IAM.IN_FEATURE].channels),
+            "mask_layers": PyramidMaskLayers(
+                [shapes[p].channels for p in pyramid], dim=f.PYRAMID.DIM, num_convs=f.PYRAMID.NUM_CONVS, norm=f.PYRAMID.NORM
+            ),
+            "rff": RoIFeatureFusion(
+                [shapes[p].stride for p in pyramid],
+                roi_size=f.RFF.ROI_SIZE,
+                enabled=f.RFF.ENABLED,
+                upsample=f.RFF.UPSAMPLE,
+                sampling_ratio=f.RFF.SAMPLING_RATIO,
+                aligned=f.RFF.ALIGNED,
+            ),
+            "mask_tail": MaskTail.from_config(cfg, f.PYRAMID.DIM),
+            "criterion": FASSSTCriterion.from_config(cfg),
+            "iam_feature": f.IAM.IN_FEATURE,
+            "pyramid_features": pyramid,
+            "mask_threshold": f.MASK_THRESHOLD,
+            "score_threshold": f.SCORE_THRESHOLD,
+            "nms_threshold": f.NMS_THRESHOLD,
+        }
 
     # ------------------------------------------------------------------ network
     def _features(self, images: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -116,14 +160,10 @@ class FASSST(MetaArchBase):
         slots, pyramid = self._features(images)
         parts = self.iam.split(slots)
         if self.training:
-            targets = []
-            for x in batched_inputs:
-                if "instances" not in x:
-                    raise KeyError("training inputs need 'instances' (labels, masks, boxes); got keys " + str(sorted(x)))
-                inst = x["instances"]
-                masks = inst["masks"].to(self.device)
-                boxes = inst["boxes"].to(self.device) if "boxes" in inst else boxes_from_masks(masks)
-                targets.append({"labels": inst["labels"].to(self.device), "masks": masks, "boxes": boxes})
+            targets = collect_targets(batched_inputs, ("labels", "masks"), self.device)
+            for t, x in zip(targets, batched_inputs):
+                boxes = x["instances"].get("boxes")
+                t["boxes"] = boxes.to(self.device) if boxes is not None else boxes_from_masks(t["masks"])
             return self.criterion(parts, targets, padded, lambda rois: self.predict_masks(pyramid, rois))
         return self.inference(parts, pyramid, batched_inputs, sizes, padded)
 
@@ -143,23 +183,19 @@ class FASSST(MetaArchBase):
             keep = (scores > self.score_threshold).nonzero(as_tuple=True)[0]
             if self.nms_threshold > 0 and keep.numel():
                 keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_threshold)]
-            keep = keep[scores[keep].argsort(descending=True)][: self.max_detections]
+            keep = keep[select_top(scores[keep], self.detections_per_image)[1]]
             kept.append((scores[keep], labels[keep], boxes[keep]))
         rois = torch.cat(
             [torch.cat([torch.full((len(b), 1), float(i), device=b.device), b], dim=1) for i, (_, _, b) in enumerate(kept)]
         )
-        mask_probs = self.predict_masks(pyramid, rois).float().sigmoid() if rois.shape[0] else None
+        mask_probs = self.predict_masks(pyramid, rois).float().sigmoid() if rois.shape[0] else rois.new_zeros((0, 1, 1))
         results, start = [], 0
         for i, (x, (scores, labels, boxes)) in enumerate(zip(batched_inputs, kept)):
             h, w = image_sizes[i]
-            out_h, out_w = int(x.get("height", h)), int(x.get("width", w))
+            out_size = (int(x.get("height", h)), int(x.get("width", w)))
             k = len(scores)
-            scale = boxes.new_tensor([out_w / w, out_h / h, out_w / w, out_h / h])
-            out_boxes = boxes * scale
-            if k:
-                m = paste_masks_in_boxes(mask_probs[start : start + k], out_boxes, (out_h, out_w)) > self.mask_threshold
-            else:
-                m = torch.zeros((0, out_h, out_w), dtype=torch.bool, device=boxes.device)
+            results.append(roi_masks_to_instances(
+                mask_probs[start : start + k], scores, labels, boxes, (h, w), out_size, mask_threshold=self.mask_threshold,
+            ))
             start += k
-            results.append({"scores": scores, "labels": labels, "masks": m, "boxes": out_boxes})
         return results

@@ -5,7 +5,6 @@ from .config import add_queryinst_config
 from .criterion import QueryInstCriterion, crop_mask_targets
 from .dynamic_conv import DynConv
 from .mask_head import DynamicMaskHead
-from .paste import paste_masks_in_image
 from .pooler import RoIPooler, assign_fpn_levels
 from .queryinst import QueryInst
 from .roi_head import QueryRoIHead
@@ -24,5 +23,4 @@ __all__ = [
     "crop_mask_targets",
     "decode_box_deltas",
     "encode_box_deltas",
-    "paste_masks_in_image",
 ]

@@ -77,6 +77,6 @@ def add_queryinst_config(cfg) -> None:
     q.MATCHER.COST_L1 = 5.0
     q.MATCHER.COST_GIOU = 2.0
 
-    # Inference: top-k over (query, class) sigmoid scores; no NMS, no score threshold.
-    q.MAX_DETECTIONS = -1  # k; -1 = NUM_PROPOSALS (official max_per_img)
+    # Inference: top TEST.DETECTIONS_PER_IMAGE (query, class) sigmoid scores (the official
+    # max_per_img = NUM_PROPOSALS: the 300-proposal configs set 300); no NMS, no score threshold.
     q.MASK_THRESHOLD = 0.5

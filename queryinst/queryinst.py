@@ -3,22 +3,25 @@ backbone -> N learnable proposals refined by S stages of a query-based box head 
 dynamic mask heads.
 
 Inference (official ``QueryRoIHead.simple_test``; docs/queryinst.md): sigmoid class scores of the last
-stage, top-k over (query, class) pairs (k = N unless ``MAX_DETECTIONS``), boxes of the last stage;
-the last stage's mask head runs once on the last stage's boxes; the 28x28 mask of the predicted
-class is pasted into the image at its original size (``height``, ``width``) and thresholded at 0.5.
-No NMS, no score threshold. Output boxes are rescaled to the original size and clipped to it.
+stage, the top ``TEST.DETECTIONS_PER_IMAGE`` (query, class) pairs (official ``max_per_img``),
+boxes of the last stage; the last stage's mask head runs once on the last stage's boxes; then the
+shared RoI post-processing (:func:`instseg.modeling.roi_masks_to_instances`): the 28x28 mask of
+the predicted class is pasted into its box as predicted (not clipped), at the original size
+(``height``, ``width``), foreground where ``> MASK_THRESHOLD`` (0.5). No NMS, no score threshold.
+Output boxes are rescaled to the original size and clipped to it.
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
+from torch import nn
 
-from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase
+from instseg.config import configurable
+from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, collect_targets, roi_masks_to_instances
 from instseg.modeling.backbone import build_backbone
 
 from .criterion import QueryInstCriterion
-from .paste import paste_masks_in_image
 from .roi_head import QueryRoIHead
 
 __all__ = ["QueryInst"]
@@ -29,34 +32,72 @@ class QueryInst(MetaArchBase):
     """``model(batched_inputs)``: training -> dict of weighted scalar losses
     ``stage{t}_loss_{cls,bbox,giou,mask}``; eval -> one dict per image with ``scores`` ``(K,)``,
     ``labels`` int64 ``(K,)``, ``masks`` bool ``(K, height, width)`` and ``boxes`` ``(K, 4)`` xyxy
-    pixels at the original size (docs/architecture.md, Data contract).
+    pixels at the original size (docs/architecture.md, data contract),
+    ``K = min(detections_per_image, N x classes)``, sorted by descending score.
+
+    Args:
+        backbone: ResNet-FPN returning at least ``in_features``.
+        roi_head: :class:`queryinst.roi_head.QueryRoIHead` (box stages and dynamic mask heads).
+        criterion: :class:`queryinst.criterion.QueryInstCriterion`.
+        in_features: FPN levels the RoI head pools from (``p2``..``p5``).
+        pixel_mean, pixel_std, size_divisibility, detections_per_image, mask_threshold:
+            :class:`instseg.modeling.MetaArchBase` (mask threshold 0.5, official).
 
     Raises:
         ValueError: ``MODEL.NUM_CLASSES`` not resolved (<= 0), or the backbone lacks one of
             ``MODEL.QUERY_INST.IN_FEATURES``.
     """
 
-    def __init__(self, cfg):
-        super().__init__(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD, cfg.MODEL.SIZE_DIVISIBILITY)
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        roi_head: nn.Module,
+        criterion: nn.Module,
+        in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
+        pixel_mean,
+        pixel_std,
+        size_divisibility: int = 32,
+        detections_per_image: int = 100,
+        mask_threshold: float = 0.5,
+    ):
+        super().__init__(pixel_mean, pixel_std, size_divisibility, detections_per_image, mask_threshold)
+        shapes = backbone.output_shape()
+        missing = [f for f in in_features if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"MODEL.QUERY_INST.IN_FEATURES {missing} are not outputs of the backbone "
+                f"({list(shapes)}); QueryInst needs an FPN backbone (build_resnet_fpn_backbone)"
+            )
+        self.backbone = backbone
+        self.in_features = list(in_features)
+        self.roi_head = roi_head
+        self.criterion = criterion
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
         if cfg.MODEL.NUM_CLASSES <= 0:
             raise ValueError(
                 f"MODEL.NUM_CLASSES is {cfg.MODEL.NUM_CLASSES}: set it, or let the tools take it from DATASETS"
             )
         q = cfg.MODEL.QUERY_INST
-        self.backbone = build_backbone(cfg)
-        shapes = self.backbone.output_shape()
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
         missing = [f for f in q.IN_FEATURES if f not in shapes]
         if missing:
             raise ValueError(
                 f"MODEL.QUERY_INST.IN_FEATURES {missing} are not outputs of {cfg.MODEL.BACKBONE.NAME} "
                 f"({list(shapes)}); QueryInst needs an FPN backbone (build_resnet_fpn_backbone)"
             )
-        self.in_features = list(q.IN_FEATURES)
-        self.roi_head = QueryRoIHead.from_config(cfg, [shapes[f].stride for f in self.in_features])
-        self.criterion = QueryInstCriterion.from_config(cfg)
-        self.num_classes = cfg.MODEL.NUM_CLASSES
-        self.max_detections = q.MAX_DETECTIONS if q.MAX_DETECTIONS > 0 else q.NUM_PROPOSALS
-        self.mask_threshold = q.MASK_THRESHOLD
+        return {
+            **cls.base_config(cfg),
+            "backbone": backbone,
+            "roi_head": QueryRoIHead.from_config(cfg, [shapes[f].stride for f in q.IN_FEATURES]),
+            "criterion": QueryInstCriterion.from_config(cfg),
+            "in_features": list(q.IN_FEATURES),
+            "mask_threshold": q.MASK_THRESHOLD,
+        }
 
     def _features(self, images: torch.Tensor) -> List[torch.Tensor]:
         feats = self.backbone(images)
@@ -82,15 +123,7 @@ class QueryInst(MetaArchBase):
         features = self._features(images)
         stages = self.roi_head.forward_boxes(features, image_sizes)
         if self.training:
-            targets = []
-            for x in batched_inputs:
-                if "instances" not in x:
-                    raise KeyError("training inputs need 'instances' (labels, boxes, masks); got keys " + str(sorted(x)))
-                inst = x["instances"]
-                missing = [k for k in ("labels", "boxes", "masks") if k not in inst]
-                if missing:
-                    raise KeyError(f"QueryInst training 'instances' lack {missing}")
-                targets.append({k: inst[k].to(self.device) for k in ("labels", "boxes", "masks")})
+            targets = collect_targets(batched_inputs, ("labels", "boxes", "masks"), self.device)
             return self.criterion(self.roi_head, features, stages, image_sizes, targets)
         return self.inference(features, stages, batched_inputs, sizes)
 
@@ -100,7 +133,7 @@ class QueryInst(MetaArchBase):
         last = stages[-1]
         scores_all = last["logits"].float().sigmoid()  # (B, N, K)
         b, n, k = scores_all.shape
-        topk = min(self.max_detections, n * k)
+        topk = min(self.detections_per_image, n * k)
         flat_scores, flat_idx = scores_all.flatten(1).topk(topk, dim=1)  # sorted, highest first
         query_idx, labels = flat_idx // k, flat_idx % k
         # the mask head runs once per selected query (a query may be selected for several classes)
@@ -113,12 +146,10 @@ class QueryInst(MetaArchBase):
             m = mask_logits[start : start + len(u)]
             start += len(u)
             h_in, w_in = image_sizes[i]
-            out_h, out_w = int(x.get("height", h_in)), int(x.get("width", w_in))
-            scale = torch.tensor([out_w / w_in, out_h / h_in] * 2, device=m.device)
-            boxes = last["boxes"][i][query_idx[i]].float() * scale
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, out_w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, out_h)
+            out_size = (int(x.get("height", h_in)), int(x.get("width", w_in)))
             probs = m[inv, labels[i]].float().sigmoid()  # (topk, 28, 28)
-            masks = paste_masks_in_image(probs, boxes, (out_h, out_w), self.mask_threshold)
-            results.append({"scores": flat_scores[i], "labels": labels[i], "masks": masks, "boxes": boxes})
+            results.append(roi_masks_to_instances(
+                probs, flat_scores[i], labels[i], last["boxes"][i][query_idx[i]], (h_in, w_in), out_size,
+                mask_threshold=self.mask_threshold,
+            ))
         return results

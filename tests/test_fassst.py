@@ -13,7 +13,7 @@ from torchvision.ops import sigmoid_focal_loss
 import fassst  # noqa: F401  (registers FASSST, its backbone and MODEL.FASSST)
 from fassst.criterion import FASSSTCriterion, focal_coordinate_loss, mask_targets_in_boxes, normalized_tlbr
 from fassst.instance_attention import InstanceAttentionModule, slot_grid_size, slot_reference_boxes, tlbr_to_xyxy
-from fassst.mask_tail import MaskTail, paste_masks_in_boxes
+from fassst.mask_tail import MaskTail
 from fassst.network_head import build_fassst_mobilenet_v2_backbone, head_feature_index
 from fassst.rff import RoIFeatureFusion, fuse_roi_features
 from instseg.config import setup_cfg
@@ -228,19 +228,6 @@ def test_normalized_tlbr_and_mask_targets_in_boxes():
     # a box twice as wide to the right: the left half of the target is the object
     t = mask_targets_in_boxes(masks, torch.tensor([0]), torch.tensor([[8.0, 16.0, 72.0, 48.0]]), 8)
     assert t[0, :, :4].min() == 1 and t[0, :, 4:].max() == 0
-
-
-def test_paste_masks_in_boxes_covers_exactly_the_box():
-    m = torch.ones(1, 8, 8)
-    out = paste_masks_in_boxes(m, torch.tensor([[10.0, 20.0, 30.0, 40.0]]), (50, 60)) > 0.5
-    expected = torch.zeros(50, 60, dtype=torch.bool)
-    expected[20:40, 10:30] = True
-    assert torch.equal(out[0], expected)
-    half = torch.zeros(1, 8, 8)
-    half[:, :, :4] = 1.0  # left half of the ROI
-    out = paste_masks_in_boxes(half, torch.tensor([[10.0, 20.0, 30.0, 40.0]]), (50, 60)) > 0.5
-    expected[:, 20:30] = False
-    assert torch.equal(out[0], expected)
 
 
 def test_mask_tail_layouts_count_five_convs_and_one_deconv():

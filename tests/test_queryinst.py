@@ -23,7 +23,6 @@ from queryinst import (
     crop_mask_targets,
     decode_box_deltas,
     encode_box_deltas,
-    paste_masks_in_image,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,29 +185,6 @@ def test_box_matcher_empty_targets_and_bad_labels():
 
 
 # ----------------------------------------------------------------------------- masks
-def test_mask_pasting_lands_on_the_box_at_the_original_size():
-    full = torch.ones(1, 28, 28)
-    # a 40 x 40 box at (10, 20) of a 100 x 100 input, output at 200 x 200 (boxes scaled x2)
-    out = paste_masks_in_image(full, torch.tensor([[20.0, 40.0, 100.0, 120.0]]), (200, 200))
-    assert out.shape == (1, 200, 200) and out.dtype == torch.bool
-    expected = torch.zeros(200, 200, dtype=torch.bool)
-    expected[40:120, 20:100] = True
-    # bilinear sampling with zero padding (as mmdetection's _do_paste_mask): an edge pixel reads
-    # 0.675 of the mask, a corner pixel 0.675^2 = 0.456 < 0.5, so exactly the 4 corners drop out
-    for y, x in ((40, 20), (40, 99), (119, 20), (119, 99)):
-        expected[y, x] = False
-    assert torch.equal(out[0], expected)
-    # the left half of the mask lands on the left half of the box; a box partly outside is clipped
-    half = torch.zeros(2, 28, 28)
-    half[:, :, :14] = 1
-    out = paste_masks_in_image(half, torch.tensor([[20.0, 40.0, 100.0, 120.0], [-30.0, 10.0, 30.0, 50.0]]), (200, 200))
-    assert torch.equal(out[0].nonzero().min(0).values, torch.tensor([40, 20]))
-    assert torch.equal(out[0].nonzero().max(0).values, torch.tensor([119, 59]))
-    assert not out[1].any()  # its left half lies left of the image
-    probs = paste_masks_in_image(half[:1], torch.tensor([[20.0, 40.0, 100.0, 120.0]]), (200, 200), threshold=-1)
-    assert probs.dtype == torch.float32 and float(probs[0, 80, 58]) == pytest.approx(1.0) and float(probs[0, 80, 60]) < 0.5
-
-
 def test_mask_targets_crop_to_the_box():
     gt = torch.zeros(2, 60, 80, dtype=torch.bool)
     gt[0, 10:30, 20:60] = True  # a 40 x 20 rectangle
