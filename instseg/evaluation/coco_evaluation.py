@@ -153,7 +153,9 @@ class COCOEvaluator(DatasetEvaluator):
             dataset catalog's ``thing_dataset_id_to_contiguous_id``, inverted).
         use_fast_eval: use ``faster_coco_eval`` when importable (a warning falls back to
             pycocotools otherwise). Same numbers, faster.
-        max_dets_per_image: detections per image kept by COCOeval (``maxDets = [1, 10, this]``).
+        max_dets_per_image: ``TEST.DETECTIONS_PER_IMAGE``: at most this many predictions per image
+            are scored (the highest scores; a model that returns more is cut here too) and COCOeval's
+            ``maxDets`` is ``[1, 10, this]`` (``[1, this]`` below 10); AP is read at the last.
 
     Raises:
         FileNotFoundError: ``json_file`` does not exist.
@@ -181,8 +183,8 @@ class COCOEvaluator(DatasetEvaluator):
         self._tasks = tasks
         self._per_category = bool(per_category)
         self._max_dets = int(max_dets_per_image)
-        if self._max_dets < 10:
-            raise ValueError(f"max_dets_per_image must be >= 10, got {max_dets_per_image}")
+        if self._max_dets < 1:
+            raise ValueError(f"max_dets_per_image must be >= 1, got {max_dets_per_image}")
 
         self._use_fast_eval = bool(use_fast_eval)
         if self._use_fast_eval and not fast_eval_available():
@@ -245,6 +247,10 @@ class COCOEvaluator(DatasetEvaluator):
                         f"image {image_id}: masks are {tuple(masks.shape[-2:])}, expected the "
                         f"original size {expected} (data contract: outputs at height x width)"
                     )
+            scores = out.get("scores")
+            if scores is not None and scores.numel() > self._max_dets:
+                top = scores.topk(self._max_dets).indices
+                out = {k: (v[top] if torch.is_tensor(v) and v.shape[:1] == scores.shape else v) for k, v in out.items()}
             instances = instances_to_coco_json(
                 out,
                 image_id,
@@ -358,7 +364,7 @@ class COCOEvaluator(DatasetEvaluator):
 
             coco_eval = COCOeval(self._coco_gt, coco_dt, task)
         coco_eval.params.imgIds = list(img_ids)
-        coco_eval.params.maxDets = [1, 10, self._max_dets]
+        coco_eval.params.maxDets = sorted({1, min(10, self._max_dets), self._max_dets})
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             coco_eval.evaluate()
