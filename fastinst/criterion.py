@@ -27,14 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling.losses import (
-    calculate_uncertainty,
-    dice_loss,
-    num_instances_across_ranks,
-    point_sample,
-    uncertain_point_coords_with_randomness,
-)
-from instseg.modeling.matcher import MaskLocationMatcher
+from instseg.modeling.losses import dice_loss, num_instances_across_ranks
+
+from .matcher import MaskLocationMatcher
+from .point_sample import calculate_uncertainty, point_sample, uncertain_point_coords_with_randomness
 
 __all__ = ["FastInstCriterion"]
 
@@ -46,7 +42,7 @@ class FastInstCriterion(nn.Module):
 
     Args:
         num_classes: K.
-        matcher: :class:`instseg.modeling.matcher.MaskLocationMatcher` (costs class 2, mask 5,
+        matcher: :class:`fastinst.matcher.MaskLocationMatcher` (costs class 2, mask 5,
             dice 5, location 1000).
         class_weight, mask_weight, dice_weight, proposal_weight: 2.0, 5.0, 5.0, 20.0.
         no_object_weight: CE weight of the no-object class (0.1).

@@ -2,7 +2,7 @@
 ``dynamic_mask_head.py``, ``query_roi_head.py``).
 
 Per stage ``t`` (weight 1 each), after Hungarian matching of the stage's own predictions
-(:class:`~instseg.modeling.matcher.BoxSetMatcher`, costs focal 2.0, L1 5.0, GIoU 2.0):
+(:class:`~queryinst.matcher.BoxSetMatcher`, costs focal 2.0, L1 5.0, GIoU 2.0):
 
 - ``loss_cls``: sigmoid focal loss (alpha 0.25, gamma 2) over all B x N predictions and K classes,
   unmatched ones against all-zero targets, summed / ``num_pos``; weight 2.0.
@@ -27,7 +27,8 @@ from torch import nn
 from torchvision.ops import generalized_box_iou_loss, roi_align
 
 from instseg.modeling.losses import dice_loss, focal_classification_loss, num_instances_across_ranks
-from instseg.modeling.matcher import BoxSetMatcher
+
+from .matcher import BoxSetMatcher
 
 __all__ = ["QueryInstCriterion", "crop_mask_targets"]
 

@@ -16,14 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling.losses import (
-    binarized_mask_iou,
-    dice_loss,
-    focal_classification_loss,
-    num_instances_across_ranks,
-    sigmoid_focal_loss,
-)
-from instseg.modeling.matcher import DiceScoreMatcher
+from instseg.modeling.losses import dice_loss, focal_classification_loss, num_instances_across_ranks, sigmoid_focal_loss
+
+from .matcher import DiceScoreMatcher
+from .objectness import binarized_mask_iou
 
 __all__ = ["SparseInstCriterion", "prepare_target_masks"]
 

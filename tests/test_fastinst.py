@@ -15,16 +15,15 @@ import torch.nn.functional as F
 
 import fastinst  # noqa: F401  (registers the meta-architecture and config keys)
 from fastinst.criterion import FastInstCriterion
+from fastinst.matcher import MaskLocationMatcher, location_cost
+from fastinst.point_sample import point_sample, uncertain_point_coords_with_randomness
+from fastinst.ppm_fpn import PPMFPN
 from fastinst.query_proposal import QueryProposal, select_query_pixels
 from fastinst.transformer_decoder import FastInstDecoder, Mask2FormerLightDecoder, sine_position_embedding
 from instseg.checkpoint import load_state_dict_with_report
 from instseg.config import setup_cfg
 from instseg.convert import convert_official_state_dict, official_keys_from_ref
 from instseg.modeling import build_model
-from instseg.modeling.encoders import PPMFPN
-from instseg.modeling.losses import point_sample, uncertain_point_coords_with_randomness
-from instseg.modeling.matcher import MaskLocationMatcher
-from instseg.modeling.matcher.mask_matcher import location_cost
 
 REPO = Path(__file__).resolve().parents[1]
 REFS = Path(__file__).resolve().parent / "refs"

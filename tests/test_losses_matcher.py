@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from instseg.modeling.losses import (
-    binarized_mask_iou,
     dice_coefficient_matrix,
     dice_loss,
     focal_classification_loss,
     focal_cost_matrix,
 )
-from instseg.modeling.matcher import DiceScoreMatcher, NonFiniteCostError, hungarian_assign
+from instseg.modeling.matcher import NonFiniteCostError, hungarian_assign
+from sparseinst.matcher import DiceScoreMatcher
+from sparseinst.objectness import binarized_mask_iou
 
 
 def test_dice_loss_hand_computed():

@@ -13,7 +13,7 @@ import torch
 import queryinst  # noqa: F401  (registers the meta-architecture and config keys)
 from instseg.config import setup_cfg
 from instseg.modeling import build_model
-from instseg.modeling.matcher import BoxSetMatcher, box_cost_matrix
+from instseg.modeling.matcher import box_cost_matrix
 from queryinst import (
     DIIHead,
     DynamicMaskHead,
@@ -24,6 +24,7 @@ from queryinst import (
     decode_box_deltas,
     encode_box_deltas,
 )
+from queryinst.matcher import BoxSetMatcher
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = str(REPO / "configs/queryinst/R50_FPN_100q_1x.yaml")

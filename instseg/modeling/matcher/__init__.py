@@ -1,7 +1,9 @@
-"""Hungarian matchers shared by the models."""
-from .box_matcher import BoxSetMatcher, box_cost_matrix
-from .dice_matcher import DiceScoreMatcher
-from .hungarian import NonFiniteCostError, batched_hungarian_assign, hungarian_assign
-from .mask_matcher import MaskLocationMatcher
+"""Matching code shared by the models: Hungarian assignment and the box cost (QueryInst, FASSST).
 
-__all__ = ["BoxSetMatcher", "DiceScoreMatcher", "box_cost_matrix", "NonFiniteCostError", "batched_hungarian_assign", "hungarian_assign", "MaskLocationMatcher"]
+Each model's own matcher lives in its package (``sparseinst.matcher.DiceScoreMatcher``,
+``fastinst.matcher.MaskLocationMatcher``, ``queryinst.matcher.BoxSetMatcher``).
+"""
+from .box_cost import box_cost_matrix
+from .hungarian import NonFiniteCostError, batched_hungarian_assign, hungarian_assign
+
+__all__ = ["box_cost_matrix", "NonFiniteCostError", "batched_hungarian_assign", "hungarian_assign"]

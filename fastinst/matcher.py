@@ -26,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses.point_sample import point_sample
-from .hungarian import NonFiniteCostError, hungarian_assign
+from instseg.modeling.matcher import NonFiniteCostError, hungarian_assign
+
+from .point_sample import point_sample
 
 __all__ = ["MaskLocationMatcher", "batch_dice_cost", "batch_sigmoid_ce_cost", "location_cost"]
 

@@ -6,8 +6,8 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from ..losses.dice import dice_coefficient_matrix
-from .hungarian import hungarian_assign
+from instseg.modeling.losses import dice_coefficient_matrix
+from instseg.modeling.matcher import hungarian_assign
 
 __all__ = ["DiceScoreMatcher"]
 

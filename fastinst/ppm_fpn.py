@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fvcore.nn.weight_init import c2_xavier_fill
 from torch import nn
 
-from .ppm import PyramidPoolingModule
+from instseg.modeling.encoders import PyramidPoolingModule
 
 __all__ = ["ConvNorm", "PPMFPN"]
 
