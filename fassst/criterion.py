@@ -7,14 +7,18 @@
 Reading of the paper (docs/fassst.md; each a key of ``MODEL.FASSST.LOSS`` / ``MATCHER``):
 
 * Assignment: the paper does not say how ground truth reaches the slots; we use a one-to-one
-  Hungarian assignment (:func:`instseg.modeling.matcher.hungarian_assign`) with the cost
+  Hungarian assignment (:func:`instseg.modeling.matcher.hungarian_assign`) with the shared box
+  cost (:func:`instseg.modeling.matcher.box_cost_matrix`, as QueryInst)
   ``MATCHER.CLASS_WEIGHT * C_cls + MATCHER.LOC_WEIGHT * C_loc + MATCHER.GIOU_WEIGHT * (-GIoU)``
   (1.25, 3 and 0; the first two are the loss weights of Eq. 5): ``C_cls`` is the focal
   classification cost at the target class (:func:`instseg.modeling.losses.focal_cost_matrix`),
-  ``C_loc`` the L1 distance between the slot's and the instance's normalized ``(t, l, b, r)``
-  (``MATCHER.LOC_COST = "l1"``, DETR / Sparse R-CNN) or ``L_l`` itself (``"focal"``; its values
-  are so small that the class cost then decides most assignments, and training from scratch on
-  varied images drifted: the location loss rose). The mask term is left out of the cost
+  the GIoU that of the normalized boxes (coordinates sorted, :func:`tlbr_to_xyxy`), and ``C_loc``
+  (the cost's ``loc_cost`` argument: FASSST's own term) the L1 distance between the slot's and
+  the instance's normalized ``(t, l, b, r)`` as predicted, unsorted, so that a slot whose bottom
+  lies above its top pays for it (``MATCHER.LOC_COST = "l1"``, DETR / Sparse R-CNN), or ``L_l``
+  itself (``"focal"``; its values are so small that the class cost then decides most
+  assignments, and training from scratch on varied images drifted: the location loss rose).
+  The mask term is left out of the cost
   (a slot's mask is only defined inside its own box, so a pairwise mask cost would need every
   ground truth cropped into every slot's box).
 * ``L_c``: sigmoid focal loss (alpha 0.25, gamma 2) of every slot's class logits against one-hot
@@ -36,10 +40,10 @@ from typing import Callable, Dict, List, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import generalized_box_iou, generalized_box_iou_loss, roi_align, sigmoid_focal_loss
+from torchvision.ops import generalized_box_iou_loss, roi_align, sigmoid_focal_loss
 
-from instseg.modeling.losses import dice_loss, focal_classification_loss, focal_cost_matrix, num_instances_across_ranks
-from instseg.modeling.matcher import hungarian_assign
+from instseg.modeling.losses import dice_loss, focal_classification_loss, num_instances_across_ranks
+from instseg.modeling.matcher import box_cost_matrix, hungarian_assign
 
 from .instance_attention import tlbr_to_xyxy
 
@@ -160,18 +164,14 @@ class FASSSTCriterion(nn.Module):
 
     # ------------------------------------------------------------------ localization
     def _loc_cost(self, box_logits: torch.Tensor, tgt_tlbr: torch.Tensor) -> torch.Tensor:
-        """``(N, 4)`` slot logits x ``(M, 4)`` targets -> ``(N, M)`` location cost and ``(N, M)``
-        negative GIoU (unweighted)."""
+        """``(N, 4)`` slot logits x ``(M, 4)`` targets -> ``(N, M)`` unweighted location cost on the
+        unsorted ``(t, l, b, r)``: L1 (``MATCHER.LOC_COST = "l1"``) or the focal coordinate loss."""
         n, m = box_logits.shape[0], tgt_tlbr.shape[0]
-        p = box_logits.float().sigmoid()
         if self.matcher_loc_cost == "focal":
             lg = box_logits.float()[:, None, :].expand(n, m, 4)
             tg = tgt_tlbr.float()[None, :, :].expand(n, m, 4)
-            loc = focal_coordinate_loss(lg, tg, self.loc_focal_gamma).sum(-1)
-        else:
-            loc = torch.cdist(p, tgt_tlbr.float(), p=1)
-        giou = generalized_box_iou(tlbr_to_xyxy(p, 1.0, 1.0), tlbr_to_xyxy(tgt_tlbr.float(), 1.0, 1.0))
-        return loc, -giou
+            return focal_coordinate_loss(lg, tg, self.loc_focal_gamma).sum(-1)
+        return torch.cdist(box_logits.float().sigmoid(), tgt_tlbr.float(), p=1)
 
     def _loc_matched(self, box_logits: torch.Tensor, tgt_tlbr: torch.Tensor) -> torch.Tensor:
         """Row-wise localization loss ``(K,)`` of matched pairs."""
@@ -204,12 +204,19 @@ class FASSSTCriterion(nn.Module):
                     empty = torch.empty(0, dtype=torch.int64)
                     out.append((empty, empty.clone()))
                     continue
-                loc, neg_giou = self._loc_cost(box_logits[b], t["tlbr"])
-                cost = (
-                    self.matcher_class_weight
-                    * focal_cost_matrix(class_logits[b].float(), t["labels"], self.focal_alpha, self.focal_gamma)
-                    + self.matcher_loc_weight * loc
-                    + self.matcher_giou_weight * neg_giou
+                p, tgt = box_logits[b].float().sigmoid(), t["tlbr"].float()
+                cost = box_cost_matrix(
+                    class_logits[b],
+                    tlbr_to_xyxy(p, 1.0, 1.0),
+                    p.new_ones(4),  # boxes are already normalized (and the L1 term is loc_cost)
+                    t["labels"],
+                    tlbr_to_xyxy(tgt, 1.0, 1.0),
+                    cost_class=self.matcher_class_weight,
+                    cost_l1=self.matcher_loc_weight,
+                    cost_giou=self.matcher_giou_weight,
+                    focal_alpha=self.focal_alpha,
+                    focal_gamma=self.focal_gamma,
+                    loc_cost=self._loc_cost(box_logits[b], t["tlbr"]),
                 )
                 out.append(hungarian_assign(cost, name="FASSST class + localization cost"))
         return out

@@ -146,3 +146,37 @@ def test_num_instances_across_ranks_counts_and_caps():
     assert num_instances_across_ranks(targets[1:2], "cpu") == 1.0  # no instance: clamped at 1
     with pytest.raises(ValueError, match="max_per_image"):
         num_instances_across_ranks(targets, "cpu", max_per_image=0)
+
+
+def test_box_cost_with_loc_cost_is_fassst_pre_refactor_expression_bit_for_bit():
+    """FASSST matches with the shared box cost: its own location term (L1 on the unsorted
+    (t, l, b, r), or the focal coordinate cost) through ``loc_cost``, GIoU on the sorted normalized
+    boxes; the result equals the expression FASSST computed itself before, inverted slots included."""
+    from torchvision.ops import generalized_box_iou
+
+    from fassst.criterion import FASSSTCriterion, focal_coordinate_loss
+    from fassst.instance_attention import tlbr_to_xyxy
+    from instseg.modeling.matcher import box_cost_matrix
+
+    g = torch.Generator().manual_seed(5)
+    box_logits, cls_logits = torch.randn(7, 4, generator=g) * 2, torch.randn(7, 3, generator=g)
+    assert bool(((box_logits[:, 2] < box_logits[:, 0]) | (box_logits[:, 3] < box_logits[:, 1])).any())  # inverted slots
+    tl = torch.rand(4, 2, generator=g) * 0.5
+    tgt = torch.cat([tl, tl + 0.1 + torch.rand(4, 2, generator=g) * 0.4], 1)  # (t, l, b, r)
+    labels = torch.tensor([0, 2, 1, 2])
+    for loc_cost in ("l1", "focal"):
+        crit = FASSSTCriterion(num_classes=3, matcher_loc_cost=loc_cost, matcher_giou_weight=0.5)
+        p = box_logits.sigmoid()
+        if loc_cost == "l1":
+            loc = torch.cdist(p, tgt, p=1)
+        else:
+            loc = focal_coordinate_loss(box_logits[:, None].expand(7, 4, 4), tgt[None].expand(7, 4, 4)).sum(-1)
+        giou = generalized_box_iou(tlbr_to_xyxy(p, 1.0, 1.0), tlbr_to_xyxy(tgt, 1.0, 1.0))
+        before = 1.25 * focal_cost_matrix(cls_logits, labels) + 3.0 * loc + 0.5 * -giou
+        shared = box_cost_matrix(
+            cls_logits, tlbr_to_xyxy(p, 1.0, 1.0), p.new_ones(4), labels, tlbr_to_xyxy(tgt, 1.0, 1.0),
+            cost_class=1.25, cost_l1=3.0, cost_giou=0.5, loc_cost=crit._loc_cost(box_logits, tgt),
+        )
+        assert torch.equal(shared, before), loc_cost
+    with pytest.raises(ValueError, match="loc_cost"):
+        box_cost_matrix(cls_logits, p, p.new_ones(4), labels, tgt, loc_cost=torch.zeros(7, 3))
