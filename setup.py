@@ -33,6 +33,14 @@ setup(
         "fast-eval": ["faster-coco-eval>=1.5"],
     },
     entry_points={
+        # The model packages: the core loads every entry point of this group (instseg/discovery.py)
+        # and names no model itself. A new model is a new package plus one line here.
+        "instseg.models": [
+            "sparseinst = sparseinst",
+            "fastinst = fastinst",
+            "queryinst = queryinst",
+            "fassst = fassst",
+        ],
         "console_scripts": [
             "instseg-train=instseg.tools.train_net:main",
             "instseg-eval=instseg.tools.eval_net:main",

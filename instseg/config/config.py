@@ -39,8 +39,9 @@ class CfgNode(_FvCfgNode):
             raise
 
 
-# Model packages register a function that adds their keys; get_cfg() applies them all, so that a
-# config of any registered model can be loaded by the shared tools.
+# Model packages register a function that adds their keys; get_cfg() loads every installed model
+# package (entry points, instseg/discovery.py) and applies them all, so that a config of any
+# installed model can be loaded by the shared tools.
 _CONFIG_HOOKS: List[Callable[[CfgNode], None]] = []
 
 
@@ -52,9 +53,19 @@ def register_config_hook(fn: Callable[[CfgNode], None]) -> Callable[[CfgNode], N
 
 
 def get_cfg() -> CfgNode:
-    """Return a fresh copy of the defaults plus every registered model's keys."""
+    """Return a fresh copy of the defaults plus every installed model's keys.
+
+    The model packages are loaded first (their ``instseg.models`` entry points,
+    :func:`instseg.discovery.discover_models`), then every registered hook runs, so the keys do
+    not depend on what was imported before.
+
+    Raises:
+        instseg.discovery.ModelPackageImportError: a declared model package fails to import.
+    """
+    from ..discovery import discover_models
     from .defaults import _C
 
+    discover_models()
     cfg = CfgNode(_C.clone())
     for fn in _CONFIG_HOOKS:
         fn(cfg)

@@ -1,23 +1,24 @@
-"""Import every model package that is installed, so that its config keys and meta-architecture
-are registered before a config is read (docs/architecture.md, Tools: the tools import all four)."""
+"""Load every installed model package, so that its config keys and meta-architecture are
+registered before a config is read (docs/architecture.md, "Adding a model").
+
+The packages are found through the ``instseg.models`` entry points (:mod:`instseg.discovery`);
+the core names none of them. :func:`instseg.config.get_cfg` and
+:func:`instseg.modeling.build_model` load them too, so calling this is only needed to get the
+names, or to load the packages before anything else happens."""
 from __future__ import annotations
 
-import importlib
-import logging
+from typing import List
 
-__all__ = ["MODEL_PACKAGES", "import_model_packages"]
+from ..discovery import ENTRY_POINT_GROUP, ModelPackageImportError, discover_models
 
-MODEL_PACKAGES = ("sparseinst", "fastinst", "fassst", "queryinst")
+__all__ = ["ENTRY_POINT_GROUP", "ModelPackageImportError", "import_model_packages"]
 
 
-def import_model_packages() -> list:
-    """Import the model packages that exist; returns the names imported. A package that exists
-    but fails to import raises (a broken install should not look like a missing model)."""
-    done = []
-    for name in MODEL_PACKAGES:
-        if importlib.util.find_spec(name) is None:
-            logging.getLogger(__name__).debug("model package %s not installed", name)
-            continue
-        importlib.import_module(name)
-        done.append(name)
-    return done
+def import_model_packages() -> List[str]:
+    """Load every ``instseg.models`` entry point (each once); returns their names.
+
+    Raises:
+        ModelPackageImportError: a declared package is installed but fails to import (a broken
+            install should not look like a missing model).
+    """
+    return discover_models()
