@@ -1,4 +1,4 @@
-"""Convert official SparseInst / FastInst checkpoints (Detectron2 naming) to our key names.
+"""Convert official checkpoints (Detectron2 naming, e.g. SparseInst / FastInst) to our key names.
 
 Official checkpoints come from Detectron2 (``{"model": state_dict, ...}`` torch files) and their
 ImageNet initializations from Detectron2 ``.pkl`` files (pickled dicts of numpy arrays). The
@@ -22,8 +22,10 @@ official (timm ResNet-D, ``-vd`` configs)   ours
 ==========================================  ==================================================
 
 ``num_batches_tracked`` and classifier (``fc``) entries are dropped. Non-backbone keys go through a
-per-model table of ``(official prefix, our prefix)`` pairs (:data:`MODEL_KEY_TABLES`) — extend it
-when a model's modules are named differently from the official ones.
+per-model table of ``(official prefix, our prefix)`` pairs, a :class:`ModelKeyTable` that the model
+package registers with :func:`register_key_table` when it is imported (e.g. ``sparseinst/convert.py``);
+:func:`model_key_tables` loads the installed model packages (:mod:`instseg.discovery`) and returns
+them all. The core holds no model's table.
 """
 from __future__ import annotations
 
@@ -42,11 +44,14 @@ __all__ = [
     "BACKBONE_KEY_RULES",
     "MODEL_KEY_TABLES",
     "ConversionReport",
+    "ModelKeyTable",
     "convert_backbone_key",
     "convert_official_state_dict",
     "convert_with_report",
+    "model_key_tables",
     "official_keys_from_ref",
     "read_weights_file",
+    "register_key_table",
     "state_dict_from_shapes",
 ]
 
@@ -99,22 +104,44 @@ class ModelKeyTable:
     drop: Tuple[str, ...] = ()
 
 
-#: Per-model tables. SparseInst: our modules use the official names (``encoder.*``,
-#: ``decoder.*``). FastInst: ours keep the official layout too (``sem_seg_head.pixel_decoder.*`` =
-#: :class:`instseg.modeling.encoders.PPMFPN`, ``sem_seg_head.predictor.*`` = the dual-path decoder,
-#: including its reference to the criterion, ``sem_seg_head.predictor.criterion.empty_weight``),
-#: so the pairs are identities; the top-level ``criterion.*`` copy of the loss buffer is dropped.
-MODEL_KEY_TABLES: Dict[str, ModelKeyTable] = {
-    "sparseinst": ModelKeyTable(prefixes=(("encoder.", "encoder."), ("decoder.", "decoder.")), drop=("criterion.",)),
-    "fastinst": ModelKeyTable(
-        prefixes=(
-            ("sem_seg_head.pixel_decoder.", "sem_seg_head.pixel_decoder."),
-            ("sem_seg_head.predictor.", "sem_seg_head.predictor."),
-            ("sem_seg_head.", "sem_seg_head."),
-        ),
-        drop=("criterion.",),
-    ),
-}
+#: The registry: model name (lower case, the ``--model`` of ``instseg-convert``) -> its table, as
+#: registered so far by the model packages. Read it through :func:`model_key_tables`, which loads
+#: the installed packages first, so that the result does not depend on what was imported before.
+MODEL_KEY_TABLES: Dict[str, ModelKeyTable] = {}
+
+
+def register_key_table(name: str, table: ModelKeyTable) -> ModelKeyTable:
+    """Register ``table`` as the official-key table of model ``name`` (stored lower case).
+
+    Model packages call it when they are imported. Registering the same name again with an equal
+    table is a no-op (a re-imported module).
+
+    Raises:
+        TypeError: ``table`` is not a :class:`ModelKeyTable`.
+        ValueError: ``name`` is empty, or already registered with another table.
+    """
+    if not isinstance(table, ModelKeyTable):
+        raise TypeError(f"register_key_table('{name}', ...) expects a ModelKeyTable, got {type(table).__name__}")
+    key = str(name).lower()
+    if not key:
+        raise ValueError("register_key_table: empty model name")
+    old = MODEL_KEY_TABLES.get(key)
+    if old is not None and old != table:
+        raise ValueError(f"A different key table is already registered for model '{key}'")
+    MODEL_KEY_TABLES[key] = table
+    return table
+
+
+def model_key_tables() -> Dict[str, ModelKeyTable]:
+    """Every installed model's table (the model packages are loaded first), name -> table.
+
+    Raises:
+        instseg.discovery.ModelPackageImportError: a declared model package fails to import.
+    """
+    from .discovery import discover_models
+
+    discover_models()
+    return dict(MODEL_KEY_TABLES)
 
 #: Our backbone's prefix in every model (``model.backbone.body`` holds the library ResNet).
 OUR_BACKBONE_PREFIX = "backbone.body."
@@ -172,9 +199,10 @@ def convert_with_report(
 ) -> Tuple[Dict[str, torch.Tensor], ConversionReport]:
     """:func:`convert_official_state_dict` plus a :class:`ConversionReport` (for the CLI)."""
     model = model.lower()
-    if model not in MODEL_KEY_TABLES:
-        raise ValueError(f"Unknown model '{model}'; expected one of {sorted(MODEL_KEY_TABLES)}")
-    table = MODEL_KEY_TABLES[model]
+    tables = model_key_tables()
+    if model not in tables:
+        raise ValueError(f"Unknown model '{model}'; expected one of {sorted(tables)} (the installed models with a key table)")
+    table = tables[model]
     out: Dict[str, torch.Tensor] = {}
     report = ConversionReport()
     for key, value in state_dict.items():
@@ -232,16 +260,18 @@ def convert_with_report(
 def convert_official_state_dict(
     state_dict: Mapping[str, Union[torch.Tensor, np.ndarray]], model: str
 ) -> Dict[str, torch.Tensor]:
-    """Map an official ``model`` (``"sparseinst"`` or ``"fastinst"``) state dict to our keys.
+    """Map an official ``model`` state dict to our keys.
 
     Args:
         state_dict: official key -> ``torch.Tensor`` or ``numpy.ndarray`` (``.pkl`` files);
             arrays become tensors with the same dtype and shape.
-        model: ``"sparseinst"`` or ``"fastinst"`` (selects :data:`MODEL_KEY_TABLES`).
+        model: the name of a registered key table (:func:`model_key_tables`; e.g. sparseinst,
+            fastinst), case-insensitive.
 
     Returns:
         our key -> tensor. Backbone keys per the table in this module's docstring;
-        ``num_batches_tracked``, ``criterion.*`` and classifier keys dropped; keys no rule matches
+        ``num_batches_tracked``, classifier keys and the table's ``drop`` prefixes (loss buffers
+        such as ``criterion.*``) dropped; keys no rule matches
         are kept under their official name (and logged), so that loading reports them.
 
     Raises:

@@ -1,6 +1,8 @@
 """SparseInst (CVPR 2022) on the shared instseg core. Importing registers the meta-architecture
-``SparseInst`` and the ``MODEL.SPARSE_INST`` config keys."""
+``SparseInst``, the ``MODEL.SPARSE_INST`` config keys and the official-checkpoint key table
+(``instseg-convert --model sparseinst``)."""
 from .config import add_sparseinst_config
+from .convert import SPARSEINST_KEY_TABLE  # registers the official-checkpoint key table
 from .decoder import IAMDecoder, InstanceBranch, MaskBranch
 from .encoder import InstanceContextEncoder
 from .loss import SparseInstCriterion
@@ -11,6 +13,7 @@ __all__ = [
     "InstanceBranch",
     "InstanceContextEncoder",
     "MaskBranch",
+    "SPARSEINST_KEY_TABLE",
     "SparseInst",
     "SparseInstCriterion",
     "add_sparseinst_config",

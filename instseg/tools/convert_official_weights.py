@@ -1,4 +1,4 @@
-"""Convert an official SparseInst / FastInst checkpoint (Detectron2 naming) to ours.
+"""Convert an official checkpoint (Detectron2 naming: SparseInst, FastInst, ...) to ours.
 
 Usage:
     instseg-convert --model sparseinst sparse_inst_r50_giam_aug_2b7d68.pth out.pth
@@ -8,7 +8,9 @@ Usage:
 INPUT may be a Detectron2 ``.pth`` (``{"model": state_dict, ...}``), a plain state dict, or a
 Detectron2 ``.pkl`` (pickled numpy arrays). OUTPUT is a torch file
 ``{"model": state_dict, "__converted_from__": "official-<model>"}``. The key mapping lives in
-:mod:`instseg.convert` (importable: ``convert_official_state_dict``, ``official_keys_from_ref``).
+:mod:`instseg.convert` (importable: ``convert_official_state_dict``, ``official_keys_from_ref``);
+the ``--model`` choices are the installed model packages that registered a key table there
+(``instseg.convert.model_key_tables()``, e.g. ``sparseinst/convert.py``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from instseg.convert import (  # noqa: F401  (re-exported for scripts that impor
     MODEL_KEY_TABLES,
     convert_official_state_dict,
     convert_with_report,
+    model_key_tables,
     official_keys_from_ref,
     read_weights_file,
 )
@@ -29,7 +32,9 @@ __all__ = ["get_parser", "main"]
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, choices=sorted(MODEL_KEY_TABLES), help="official model family")
+    # the installed model packages are loaded here: each registers its table when imported
+    parser.add_argument("--model", required=True, choices=sorted(model_key_tables()),
+                        help="official model family (the installed models with a key table)")
     parser.add_argument("input", help="official checkpoint (.pth / .pkl)")
     parser.add_argument("output", help="converted checkpoint to write (.pth)")
     return parser
