@@ -42,7 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, roi_align, sigmoid_focal_loss
 
-from instseg.modeling.losses import dice_loss, focal_classification_loss, num_instances_across_ranks
+from instseg.modeling.losses import (
+    dice_loss,
+    focal_classification_loss,
+    gather_matched_targets,
+    matched_prediction_index,
+    matched_target_classes,
+    num_instances_across_ranks,
+)
 from instseg.modeling.matcher import box_cost_matrix, hungarian_assign
 
 from .instance_attention import tlbr_to_xyxy
@@ -251,9 +258,7 @@ class FASSSTCriterion(nn.Module):
         num_inst = num_instances_across_ranks(targets, device)
 
         b, n, k = class_logits.shape
-        target_classes = torch.full((b, n), k, dtype=torch.int64, device=device)
-        for i, (src, tgt) in enumerate(indices):
-            target_classes[i, src.to(device)] = tgts[i]["labels"][tgt.to(device)]
+        target_classes = matched_target_classes(tgts, indices, (b, n), k, device)
         loss_cls = focal_classification_loss(class_logits.flatten(0, 1), target_classes.flatten(), self.focal_alpha, self.focal_gamma)
         if conf_logits is not None:
             loss_cls = loss_cls + sigmoid_focal_loss(
@@ -261,8 +266,7 @@ class FASSSTCriterion(nn.Module):
             )
         losses = {"loss_cls": loss_cls / num_inst}
 
-        batch_idx = torch.cat([torch.full((len(s),), i, dtype=torch.int64) for i, (s, _) in enumerate(indices)]).to(device)
-        src_idx = torch.cat([s for s, _ in indices]).to(device)
+        batch_idx, src_idx = matched_prediction_index(indices, device)
         gt_idx = torch.cat([g for _, g in indices]).to(device)
         if src_idx.numel() == 0:
             losses["loss_loc"] = box_logits.sum() * 0.0
@@ -271,7 +275,7 @@ class FASSSTCriterion(nn.Module):
             losses["loss_mask"] = mask_fn(dummy).sum() * 0.0
             return {name: v * self.weights[name] for name, v in losses.items()}
 
-        tgt_tlbr = torch.cat([tgts[i]["tlbr"][g.to(device)] for i, (_, g) in enumerate(indices)])
+        tgt_tlbr = gather_matched_targets(tgts, indices, "tlbr", device)
         losses["loss_loc"] = self._loc_matched(box_logits[batch_idx, src_idx], tgt_tlbr).sum() / num_inst
 
         hp, wp = padded_size
@@ -280,7 +284,7 @@ class FASSSTCriterion(nn.Module):
             pred = tlbr_to_xyxy(box_logits[batch_idx, src_idx].detach().float().sigmoid(), hp, wp)
             boxes.append(pred), roi_batch.append(batch_idx), roi_gt.append(gt_idx)
         if self.train_boxes in ("gt", "predicted+gt"):
-            gt_boxes = torch.cat([targets[i]["boxes"].to(device)[g.to(device)] for i, (_, g) in enumerate(indices)]).float()
+            gt_boxes = gather_matched_targets(targets, indices, "boxes", device).float()
             boxes.append(gt_boxes), roi_batch.append(batch_idx), roi_gt.append(gt_idx)
         boxes, roi_batch, roi_gt = torch.cat(boxes), torch.cat(roi_batch), torch.cat(roi_gt)
         rois = torch.cat([roi_batch[:, None].float(), boxes], dim=1)

@@ -27,7 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling.losses import dice_loss, num_instances_across_ranks
+from instseg.modeling.losses import (
+    dice_loss,
+    gather_matched_targets,
+    matched_prediction_index,
+    matched_target_classes,
+    num_instances_across_ranks,
+)
 
 from .matcher import MaskLocationMatcher
 from .point_sample import calculate_uncertainty, point_sample, uncertain_point_coords_with_randomness
@@ -106,21 +112,18 @@ class FastInstCriterion(nn.Module):
     def loss_labels(self, logits: torch.Tensor, targets, indices: _Indices) -> torch.Tensor:
         """Weighted softmax CE; ``logits`` ``(B, N, K + 1)``."""
         b, n, _ = logits.shape
-        target_classes = torch.full((b, n), self.num_classes, dtype=torch.int64, device=logits.device)
-        for i, (src, tgt) in enumerate(indices):
-            target_classes[i, src.to(logits.device)] = targets[i]["labels"][tgt.to(logits.device)]
+        target_classes = matched_target_classes(targets, indices, (b, n), self.num_classes, logits.device)
         return F.cross_entropy(logits.float().transpose(1, 2), target_classes, self.empty_weight.float())
 
     def loss_masks(self, masks: torch.Tensor, targets, indices: _Indices, num_masks: float) -> Dict[str, torch.Tensor]:
         """Point-sampled BCE and dice; ``masks`` ``(B, N, h, w)`` logits, target masks
         ``(M, Hp, Wp)`` at the padded input (same normalized extent)."""
-        src = [masks[i][s.to(masks.device)] for i, (s, _) in enumerate(indices)]
-        tgt = [targets[i]["masks"][t.to(masks.device)] for i, (_, t) in enumerate(indices)]
-        src_masks = torch.cat(src).float()[:, None] if src else masks.new_zeros((0, 1) + tuple(masks.shape[-2:]))
+        batch_idx, src_idx = matched_prediction_index(indices, masks.device)
+        src_masks = masks[batch_idx, src_idx].float()[:, None]
         if src_masks.shape[0] == 0:
             zero = masks.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero}
-        tgt_masks = torch.cat(tgt).float()[:, None]
+        tgt_masks = gather_matched_targets(targets, indices, "masks", masks.device).float()[:, None]
         with torch.no_grad():
             coords = uncertain_point_coords_with_randomness(
                 src_masks, calculate_uncertainty, self.num_points, self.oversample_ratio, self.importance_sample_ratio
@@ -135,9 +138,7 @@ class FastInstCriterion(nn.Module):
         """CE over every pixel of the ``(B, K + 1, h, w)`` auxiliary classifier map."""
         indices = self.matcher.match_pixels(proposal_logits, targets)
         b, _, h, w = proposal_logits.shape
-        target_classes = torch.full((b, h * w), self.num_classes, dtype=torch.int64, device=proposal_logits.device)
-        for i, (src, tgt) in enumerate(indices):
-            target_classes[i, src.to(target_classes.device)] = targets[i]["labels"][tgt.to(target_classes.device)]
+        target_classes = matched_target_classes(targets, indices, (b, h * w), self.num_classes, proposal_logits.device)
         return F.cross_entropy(proposal_logits.float().flatten(2), target_classes)
 
     def _match(self, out: Dict, targets, locations) -> _Indices:

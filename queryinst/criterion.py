@@ -26,7 +26,14 @@ import torch
 from torch import nn
 from torchvision.ops import generalized_box_iou_loss, roi_align
 
-from instseg.modeling.losses import dice_loss, focal_classification_loss, num_instances_across_ranks
+from instseg.modeling.losses import (
+    dice_loss,
+    focal_classification_loss,
+    gather_matched_targets,
+    matched_prediction_index,
+    matched_target_classes,
+    num_instances_across_ranks,
+)
 
 from .matcher import BoxSetMatcher
 
@@ -125,20 +132,15 @@ class QueryInstCriterion(nn.Module):
             indices: the matcher's per-image ``(pred_idx, tgt_idx)``.
         """
         b, n, k = logits.shape
-        dev = logits.device
-        target_classes = torch.full((b, n), k, dtype=torch.int64, device=dev)
-        src_boxes, tgt_boxes, norms = [], [], []
-        for i, (src, tgt) in enumerate(indices):
-            src, tgt = src.to(dev), tgt.to(dev)
-            target_classes[i, src] = targets[i]["labels"][tgt]
-            src_boxes.append(boxes[i][src])
-            tgt_boxes.append(targets[i]["boxes"][tgt].to(boxes.dtype))
-            norms.append(image_whwh[i].expand(len(src), 4))
+        target_classes = matched_target_classes(targets, indices, (b, n), k, logits.device)
         losses = {
             "loss_cls": focal_classification_loss(logits.flatten(0, 1), target_classes.flatten(),
                                                   self.focal_alpha, self.focal_gamma) / num_pos
         }
-        src_boxes, tgt_boxes, norms = torch.cat(src_boxes).float(), torch.cat(tgt_boxes).float(), torch.cat(norms).float()
+        batch_idx, src_idx = matched_prediction_index(indices, boxes.device)
+        src_boxes = boxes[batch_idx, src_idx].float()
+        tgt_boxes = gather_matched_targets(targets, indices, "boxes", boxes.device).to(boxes.dtype).float()
+        norms = image_whwh[batch_idx].float()
         if src_boxes.shape[0] == 0:
             zero = boxes.sum() * 0.0
             losses["loss_bbox"], losses["loss_giou"] = zero, zero
@@ -200,7 +202,7 @@ class QueryInstCriterion(nn.Module):
                 stage_losses["loss_mask"] = zero * 0.0
             else:
                 mask_logits = roi_head.forward_masks(t, features, pos_boxes, [src for src, _ in indices], stage_outputs)
-                labels = torch.cat([targets[i]["labels"][tgt.to(dev)] for i, (_, tgt) in enumerate(indices)])
+                labels = gather_matched_targets(targets, indices, "labels", dev)
                 mask_targets = torch.cat([
                     crop_mask_targets(targets[i]["masks"], pos_boxes[i], tgt.to(dev), self.mask_size)
                     for i, (_, tgt) in enumerate(indices)

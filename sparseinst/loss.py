@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling.losses import dice_loss, focal_classification_loss, num_instances_across_ranks, sigmoid_focal_loss
+from instseg.modeling.losses import (
+    dice_loss,
+    focal_classification_loss,
+    gather_matched_targets,
+    matched_prediction_index,
+    matched_target_classes,
+    num_instances_across_ranks,
+    sigmoid_focal_loss,
+)
 
 from .matcher import DiceScoreMatcher
 from .objectness import binarized_mask_iou
@@ -121,18 +129,16 @@ class SparseInstCriterion(nn.Module):
         num_inst = num_instances_across_ranks(targets, logits.device)
 
         b, n, k = logits.shape
-        target_classes = torch.full((b, n), k, dtype=torch.int64, device=logits.device)
-        for i, (src, tgt) in enumerate(indices):
-            target_classes[i, src.to(logits.device)] = tgts[i]["labels"][tgt.to(logits.device)]
+        target_classes = matched_target_classes(tgts, indices, (b, n), k, logits.device)
         losses = {
             "loss_ce": focal_classification_loss(
                 logits.flatten(0, 1), target_classes.flatten(), self.focal_alpha, self.focal_gamma
             ) / num_inst
         }
 
-        src_masks = torch.cat([masks[i][src.to(masks.device)] for i, (src, _) in enumerate(indices)]).flatten(1)
-        tgt_masks = torch.cat([tgts[i]["masks"][tgt.to(masks.device)] for i, (_, tgt) in enumerate(indices)]).flatten(1)
-        src_masks = src_masks.float()
+        batch_idx, src_idx = matched_prediction_index(indices, masks.device)
+        src_masks = masks[batch_idx, src_idx].flatten(1).float()
+        tgt_masks = gather_matched_targets(tgts, indices, "masks", masks.device).flatten(1)
         if src_masks.shape[0] == 0:
             zero = masks.sum() * 0.0
             if self.use_dice:
@@ -152,9 +158,7 @@ class SparseInstCriterion(nn.Module):
                 )
             if self.objectness_loss != "none":
                 ious = binarized_mask_iou(src_masks, tgt_masks, self.objectness_pred_threshold)
-                src_scores = torch.cat(
-                    [outputs["pred_scores"][i][src.to(masks.device), 0] for i, (src, _) in enumerate(indices)]
-                ).float()
+                src_scores = outputs["pred_scores"][batch_idx, src_idx, 0].float()
                 if self.objectness_loss == "bce":
                     losses["loss_objectness"] = F.binary_cross_entropy_with_logits(src_scores, ious, reduction="mean")
                 else:

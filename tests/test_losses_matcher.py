@@ -180,3 +180,49 @@ def test_box_cost_with_loc_cost_is_fassst_pre_refactor_expression_bit_for_bit():
         assert torch.equal(shared, before), loc_cost
     with pytest.raises(ValueError, match="loc_cost"):
         box_cost_matrix(cls_logits, p, p.new_ones(4), labels, tgt, loc_cost=torch.zeros(7, 3))
+
+
+# ----------------------------------------------------------------- set-criterion helpers
+def _two_image_match():
+    """Image 0: 3 targets, predictions 4 and 1 matched to targets 2 and 0; image 1: no target;
+    image 2: 1 target, prediction 3 matched to it."""
+    targets = [
+        {"labels": torch.tensor([7, 8, 9]), "boxes": torch.tensor([[0.0, 0, 1, 1], [1.0, 1, 2, 2], [2.0, 2, 3, 3]])},
+        {"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4)},
+        {"labels": torch.tensor([5]), "boxes": torch.tensor([[4.0, 4, 5, 5]])},
+    ]
+    e = torch.empty(0, dtype=torch.int64)
+    indices = [(torch.tensor([4, 1]), torch.tensor([2, 0])), (e, e.clone()), (torch.tensor([3]), torch.tensor([0]))]
+    return targets, indices
+
+
+def test_matched_prediction_index_hand_computed():
+    from instseg.modeling.losses import matched_prediction_index
+
+    _, indices = _two_image_match()
+    batch_idx, src_idx = matched_prediction_index(indices)
+    assert batch_idx.tolist() == [0, 0, 2] and src_idx.tolist() == [4, 1, 3]
+    assert batch_idx.dtype == src_idx.dtype == torch.int64
+    x = torch.arange(3 * 5 * 2).view(3, 5, 2)  # (B, N, 2)
+    assert x[batch_idx, src_idx].tolist() == [[8, 9], [2, 3], [26, 27]]
+    empty_b, empty_s = matched_prediction_index([])
+    assert empty_b.numel() == empty_s.numel() == 0
+
+
+def test_gather_matched_targets_hand_computed():
+    from instseg.modeling.losses import gather_matched_targets
+
+    targets, indices = _two_image_match()
+    assert gather_matched_targets(targets, indices, "labels").tolist() == [9, 7, 5]
+    assert gather_matched_targets(targets, indices, "boxes").tolist() == [[2, 2, 3, 3], [0, 0, 1, 1], [4, 4, 5, 5]]
+    with pytest.raises(ValueError, match="matched images"):
+        gather_matched_targets(targets[:2], indices, "labels")
+
+
+def test_matched_target_classes_hand_computed():
+    from instseg.modeling.losses import matched_target_classes
+
+    targets, indices = _two_image_match()
+    out = matched_target_classes(targets, indices, (3, 5), background=80)
+    assert out.dtype == torch.int64
+    assert out.tolist() == [[80, 7, 80, 80, 9], [80] * 5, [80, 80, 80, 5, 80]]
