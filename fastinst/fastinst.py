@@ -3,9 +3,9 @@ Instance Segmentation", CVPR 2023): backbone -> PPM-FPN pixel decoder -> IA-guid
 dual-path Transformer decoder.
 
 Module layout follows the official code so that official checkpoints convert with a prefix table
-(:data:`instseg.convert.MODEL_KEY_TABLES` ``"fastinst"``): ``backbone``, ``sem_seg_head.pixel_decoder``
-(:class:`instseg.modeling.encoders.PPMFPN`), ``sem_seg_head.predictor`` (the decoder),
-``criterion``. As in the official code the decoder also holds the criterion (its matcher is needed
+(``fastinst/convert.py``, registered with :func:`instseg.convert.register_key_table`):
+``backbone``, ``sem_seg_head.pixel_decoder`` (:class:`fastinst.ppm_fpn.PPMFPN`),
+``sem_seg_head.predictor`` (the decoder), ``criterion``. As in the official code the decoder also holds the criterion (its matcher is needed
 for GT-mask-guided learning), so its ``empty_weight`` buffer appears under both names.
 
 Inference (official ``instance_inference``): softmax over K + 1 classes without the no-object
@@ -26,9 +26,9 @@ from torch import nn
 from instseg.config import configurable
 from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, collect_targets, dense_masks_to_instances, select_top
 from instseg.modeling.backbone import build_backbone
-from instseg.modeling.encoders import PPMFPN
 
 from .criterion import FastInstCriterion
+from .ppm_fpn import PPMFPN
 from .transformer_decoder import build_transformer_decoder
 
 __all__ = ["FastInst", "FastInstHead"]
