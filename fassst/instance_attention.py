@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling.layers import coordinate_features
-from instseg.modeling.norm import get_norm
+from instseg.modeling.layers import conv_norm_relu_stack, coordinate_features
 
 __all__ = [
     "BOX_PARAMS",
@@ -81,15 +80,6 @@ def tlbr_to_xyxy(tlbr: torch.Tensor, height: float, width: float) -> torch.Tenso
     x1, x2 = torch.minimum(l, r) * width, torch.maximum(l, r) * width
     y1, y2 = torch.minimum(t, b) * height, torch.maximum(t, b) * height
     return torch.stack([x1, y1, x2, y2], dim=-1)
-
-
-def _conv(in_ch: int, out_ch: int, norm: str) -> nn.Sequential:
-    layers = [nn.Conv2d(in_ch, out_ch, 3, padding=1, bias=not norm)]
-    n = get_norm(norm, out_ch)
-    if n is not None:
-        layers.append(n)
-    layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
 
 
 class InstanceAttentionModule(nn.Module):
@@ -155,7 +145,7 @@ class InstanceAttentionModule(nn.Module):
         ch = self.in_channels + (2 if self.use_coord else 0)
         pre, post = [], []
         for i in range(num_convs - 1):
-            (pre if i < pool_after else post).append(_conv(ch, dim, norm))
+            (pre if i < pool_after else post).append(conv_norm_relu_stack(1, ch, dim, 3, norm))  # keys <j>.0, <j>.1
             ch = dim
         self.pre_pool = nn.Sequential(*pre)
         self.post_pool = nn.Sequential(*post)

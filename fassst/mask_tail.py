@@ -12,13 +12,11 @@ Masks are class-agnostic (one channel): the class comes from the slot.
 """
 from __future__ import annotations
 
-from typing import List
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from instseg.modeling.norm import get_norm
+from instseg.modeling.layers import conv_norm_relu_stack
 
 __all__ = ["MaskTail", "TAIL_LAYOUTS"]
 
@@ -46,16 +44,7 @@ class MaskTail(nn.Module):
             raise ValueError(f"MODEL.FASSST.TAIL.LAYOUT must be one of {TAIL_LAYOUTS}, got '{layout}'")
         self.layout = layout
         num_3x3 = 4 if layout == "mask_rcnn" else 5
-        convs: List[nn.Module] = []
-        ch = in_channels
-        for _ in range(num_3x3):
-            convs.append(nn.Conv2d(ch, dim, 3, padding=1, bias=not norm))
-            n = get_norm(norm, dim)
-            if n is not None:
-                convs.append(n)
-            convs.append(nn.ReLU(inplace=True))
-            ch = dim
-        self.convs = nn.Sequential(*convs)
+        self.convs = conv_norm_relu_stack(num_3x3, in_channels, dim, 3, norm)
         if layout == "mask_rcnn":
             self.deconv = nn.ConvTranspose2d(dim, dim, 2, stride=2)
             self.predictor = nn.Conv2d(dim, 1, 1)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import roi_align
 
-from instseg.modeling.norm import get_norm
+from instseg.modeling.layers import conv_norm_relu_stack
 
 __all__ = ["PyramidMaskLayers", "RoIFeatureFusion", "fuse_roi_features", "UPSAMPLE_MODES"]
 
@@ -78,17 +78,7 @@ class PyramidMaskLayers(nn.Module):
         super().__init__()
         if num_convs < 1:
             raise ValueError(f"MODEL.FASSST.PYRAMID.NUM_CONVS must be >= 1, got {num_convs}")
-        self.layers = nn.ModuleList()
-        for c in in_channels:
-            mods: List[nn.Module] = []
-            for i in range(num_convs):
-                mods.append(nn.Conv2d(c if i == 0 else dim, dim, 3, padding=1, bias=not norm))
-                n = get_norm(norm, dim)
-                if n is not None:
-                    mods.append(n)
-                if i < num_convs - 1:
-                    mods.append(nn.ReLU(inplace=True))
-            self.layers.append(nn.Sequential(*mods))
+        self.layers = nn.ModuleList(conv_norm_relu_stack(num_convs, c, dim, 3, norm, last_relu=False) for c in in_channels)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -25,7 +25,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from instseg.modeling.norm import get_norm
+from instseg.modeling.layers import conv_norm_relu_stack
 
 from .dynamic_conv import DynConv
 
@@ -76,17 +76,8 @@ class DynamicMaskHead(nn.Module):
         self.use_dynamic_conv, self.mask_flow = use_dynamic_conv, mask_flow
         self.dynconv = DynConv(dim, dynamic_dim, dim, pooler_resolution, with_proj=False) if use_dynamic_conv else None
         self.flow_conv = nn.Conv2d(conv_dim, dim, 1) if mask_flow else None
-        layers = []
-        in_ch = dim
-        for _ in range(num_convs):
-            layers.append(nn.Conv2d(in_ch, conv_dim, 3, padding=1, bias=not norm))
-            n = get_norm(norm, conv_dim)
-            if n is not None:
-                layers.append(n)
-            layers.append(nn.ReLU(inplace=True))
-            in_ch = conv_dim
-        self.convs = nn.Sequential(*layers)
-        self.deconv = nn.ConvTranspose2d(in_ch, conv_dim, 2, stride=2)
+        self.convs = conv_norm_relu_stack(num_convs, dim, conv_dim, 3, norm)
+        self.deconv = nn.ConvTranspose2d(conv_dim if num_convs else dim, conv_dim, 2, stride=2)
         self.deconv_relu = nn.ReLU(inplace=True)
         self.predictor = nn.Conv2d(conv_dim, num_classes, 1)
         self.reset_parameters()

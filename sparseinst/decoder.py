@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from fvcore.nn.weight_init import c2_msra_fill, c2_xavier_fill
 from torch import nn
 
-from instseg.modeling.layers import DeformConv, coordinate_features
+from instseg.modeling.layers import DeformConv, conv_norm_relu_stack, coordinate_features
 
 __all__ = ["IAMDecoder", "InstanceBranch", "MaskBranch", "IAM_TYPES"]
 
@@ -28,18 +28,19 @@ IAM_TYPES = ("conv3x3", "conv1x1", "two_conv3x3", "group", "cross_attention")
 
 
 def _conv_stack(num_convs: int, in_channels: int, dim: int, deform_last: bool) -> nn.Sequential:
-    layers = []
-    for i in range(num_convs):
+    """``num_convs`` x (3x3 conv with bias, ReLU), the last conv a modulated :class:`DeformConv`
+    with ``deform_last`` (official keys ``<2i>.weight``); plain convs MSRA-filled."""
+
+    def conv(i: int, cin: int, cout: int) -> nn.Module:
         if deform_last and i == num_convs - 1:
-            layers.append(DeformConv(in_channels, dim, 3, padding=1, modulated=True, bias=True))
-        else:
-            layers.append(nn.Conv2d(in_channels, dim, 3, padding=1))
-        layers.append(nn.ReLU(inplace=True))
-        in_channels = dim
-    for m in layers:
+            return DeformConv(cin, cout, 3, padding=1, modulated=True, bias=True)
+        return nn.Conv2d(cin, cout, 3, padding=1)
+
+    stack = conv_norm_relu_stack(num_convs, in_channels, dim, norm="", conv_layer=conv)
+    for m in stack:
         if isinstance(m, nn.Conv2d):
             c2_msra_fill(m)
-    return nn.Sequential(*layers)
+    return stack
 
 
 class InstanceBranch(nn.Module):

@@ -226,3 +226,47 @@ def test_matched_target_classes_hand_computed():
     out = matched_target_classes(targets, indices, (3, 5), background=80)
     assert out.dtype == torch.int64
     assert out.tolist() == [[80, 7, 80, 80, 9], [80] * 5, [80, 80, 80, 5, 80]]
+
+
+# ----------------------------------------------------------------- shared conv stack
+def test_conv_norm_relu_stack_keys_layout_and_rng_order():
+    from torch import nn
+
+    from instseg.modeling.layers import DeformConv, conv_norm_relu_stack
+    from instseg.modeling.norm import get_norm
+
+    gn = conv_norm_relu_stack(2, 16, 32, norm="GN")
+    assert [type(m).__name__ for m in gn] == ["Conv2d", "GroupNorm", "ReLU", "Conv2d", "GroupNorm", "ReLU"]
+    assert list(gn.state_dict()) == ["0.weight", "1.weight", "1.bias", "3.weight", "4.weight", "4.bias"]
+    plain = conv_norm_relu_stack(2, 16, 32, last_relu=False)
+    assert list(plain.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"] and len(plain) == 3
+    assert gn[0].padding == (1, 1) and gn[0].in_channels == 16 and gn[3].in_channels == 32
+    assert conv_norm_relu_stack(1, 8, 8, kernel_size=1)[0].padding == (0, 0)
+    assert len(conv_norm_relu_stack(0, 8, 8)) == 0
+    deform = conv_norm_relu_stack(
+        2, 8, 8, conv_layer=lambda i, a, b: DeformConv(a, b) if i == 1 else nn.Conv2d(a, b, 3, padding=1)
+    )
+    assert isinstance(deform[2], DeformConv) and "2.offset.weight" in deform.state_dict()
+    with pytest.raises(ValueError):
+        conv_norm_relu_stack(-1, 8, 8)
+
+    # the same weights as the hand-written loops it replaces (RNG drawn conv by conv)
+    def hand(num, cin, cout, norm, last_relu):
+        layers = []
+        for i in range(num):
+            layers.append(nn.Conv2d(cin if i == 0 else cout, cout, 3, padding=1, bias=not norm))
+            n = get_norm(norm, cout)
+            if n is not None:
+                layers.append(n)
+            if last_relu or i < num - 1:
+                layers.append(nn.ReLU(inplace=True))
+        return nn.Sequential(*layers)
+
+    for norm, last_relu in (("BN", True), ("", True), ("GN", False)):
+        torch.manual_seed(0)
+        a = hand(3, 16, 32, norm, last_relu)
+        torch.manual_seed(0)
+        b = conv_norm_relu_stack(3, 16, 32, 3, norm, last_relu=last_relu)
+        assert repr(a) == repr(b)
+        sa, sb = a.state_dict(), b.state_dict()
+        assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)

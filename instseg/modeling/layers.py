@@ -1,14 +1,16 @@
 """Small layers shared by several models."""
 from __future__ import annotations
 
-import math
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 from torchvision.ops import deform_conv2d
 
-__all__ = ["DeformConv", "coordinate_features"]
+from .norm import get_norm
+
+__all__ = ["DeformConv", "conv_norm_relu_stack", "coordinate_features"]
 
 
 class DeformConv(nn.Module):
@@ -122,3 +124,55 @@ def coordinate_features(x: torch.Tensor) -> torch.Tensor:
     xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=torch.float32)
     yy, xx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([xx, yy]).to(x.dtype).expand(b, 2, h, w)
+
+
+def conv_norm_relu_stack(
+    num_convs: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int = 3,
+    norm: Union[str, Callable[[int], nn.Module], None] = "",
+    bias: Optional[bool] = None,
+    last_relu: bool = True,
+    conv_layer: Optional[Callable[[int, int, int], nn.Module]] = None,
+) -> nn.Sequential:
+    """``num_convs`` x (``k x k`` conv, optional norm, ReLU) as one flat :class:`nn.Sequential`.
+
+    The layers are appended in that order, so the state-dict keys are the Sequential's indices:
+    with a norm, conv ``i`` is ``3i`` and its norm ``3i + 1``; without one, conv ``i`` is ``2i``
+    (the ReLUs have no parameters). A stack of one conv is the usual ``[conv, norm, ReLU]`` block.
+
+    Args:
+        num_convs: number of convs (>= 0; 0 gives an empty Sequential, the identity).
+        in_channels: channels of the first conv's input; the others take ``out_channels``.
+        out_channels: channels of every conv's output.
+        kernel_size: of the default conv (padding ``kernel_size // 2``, stride 1).
+        norm: :func:`instseg.modeling.norm.get_norm` name (``""`` / ``None``: no norm) or factory.
+        bias: conv bias; default ``True`` without a norm, ``False`` with one.
+        last_relu: ``False`` leaves the last conv (and its norm) without a ReLU.
+        conv_layer: ``(index, in_channels, out_channels) -> module`` building conv ``index``
+            instead of the default ``nn.Conv2d`` (e.g. a :class:`DeformConv` for the last one).
+
+    Layers are built conv first, then its norm, conv by conv, so the global RNG is drawn in the
+    same order as a hand-written loop. Weights keep PyTorch's default init (callers re-init).
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(B, out_channels, H, W)`` for the default convs.
+    """
+    if num_convs < 0:
+        raise ValueError(f"num_convs must be >= 0, got {num_convs}")
+    if bias is None:
+        bias = not norm
+    layers = []
+    ch = in_channels
+    for i in range(num_convs):
+        if conv_layer is not None:
+            layers.append(conv_layer(i, ch, out_channels))
+        else:
+            layers.append(nn.Conv2d(ch, out_channels, kernel_size, padding=kernel_size // 2, bias=bias))
+        n = get_norm(norm, out_channels)
+        if n is not None:
+            layers.append(n)
+        if last_relu or i < num_convs - 1:
+            layers.append(nn.ReLU(inplace=True))
+        ch = out_channels
+    return nn.Sequential(*layers)
