@@ -3,7 +3,7 @@
 For the final predictions and, with deep supervision, for every auxiliary prediction (the GT-mask
 guided ones first, then the initial queries' and the intermediate layers'):
 
-* ``loss_ce``: softmax cross-entropy over K + 1 classes for all N_a queries (unmatched ones ->
+* ``loss_cls``: softmax cross-entropy over K + 1 classes for all N_a queries (unmatched ones ->
   no object), the no-object class weighted by ``NO_OBJECT_WEIGHT`` (0.1) in a weighted mean; x 2.0.
 * ``loss_mask``: binary cross-entropy of the matched masks on ``TRAIN_NUM_POINTS`` (12,544)
   importance-sampled points (oversample 3.0, importance 0.75; PointRend), mean over points, summed
@@ -16,7 +16,8 @@ Once per image batch, for the IA-guided query classifier (Table I "B"):
   Hungarian-matched to a GT instance (class + location cost, :meth:`MaskLocationMatcher.match_pixels`)
   take its class, all others the no-object class; unweighted mean; x 20.0.
 
-Auxiliary terms are named ``<loss>_<i>`` (official naming). All losses are returned already
+Auxiliary terms are named ``<loss>_<i>`` (official naming; the class term is ``loss_cls`` here,
+the official ``loss_ce``, as in every model of this repository). All losses are returned already
 multiplied by their weights.
 """
 from __future__ import annotations
@@ -75,7 +76,7 @@ class FastInstCriterion(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
-        self.weights = {"loss_ce": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight,
+        self.weights = {"loss_cls": class_weight, "loss_mask": mask_weight, "loss_dice": dice_weight,
                         "loss_proposal": proposal_weight}
         self.num_points = num_points
         self.oversample_ratio = oversample_ratio
@@ -155,7 +156,7 @@ class FastInstCriterion(nn.Module):
                 zero-padded to the padded input.
 
         Returns:
-            weighted scalar losses ``loss_ce``, ``loss_mask``, ``loss_dice``, ``<name>_<i>`` for the
+            weighted scalar losses ``loss_cls``, ``loss_mask``, ``loss_dice``, ``<name>_<i>`` for the
             auxiliary predictions and ``loss_proposal`` (IA-guided queries only).
         """
         device = outputs["pred_logits"].device
@@ -169,7 +170,7 @@ class FastInstCriterion(nn.Module):
         losses: Dict[str, torch.Tensor] = {}
         for suffix, out in groups:
             indices = self._match(out, targets, locations)
-            losses["loss_ce" + suffix] = self.loss_labels(out["pred_logits"], targets, indices) * self.weights["loss_ce"]
+            losses["loss_cls" + suffix] = self.loss_labels(out["pred_logits"], targets, indices) * self.weights["loss_cls"]
             for name, value in self.loss_masks(out["pred_masks"], targets, indices, num_masks).items():
                 losses[name + suffix] = value * self.weights[name]
         if outputs.get("proposal_logits") is not None:

@@ -80,7 +80,7 @@ class SparseInstCriterion(nn.Module):
         self.num_classes = num_classes
         self.matcher = matcher
         self.weights = {
-            "loss_ce": class_weight,
+            "loss_cls": class_weight,
             "loss_dice": dice_weight,
             "loss_mask": pixel_weight,
             "loss_objectness": objectness_weight,
@@ -117,7 +117,7 @@ class SparseInstCriterion(nn.Module):
             targets: per image ``labels`` int64 ``(M,)`` and ``masks`` bool ``(M, H_i, W_i)``.
             padded_size: ``(Hp, Wp)`` of the padded input batch.
         Returns:
-            weighted scalar losses ``loss_ce``, ``loss_dice``, ``loss_mask``, ``loss_objectness``
+            weighted scalar losses ``loss_cls``, ``loss_dice``, ``loss_mask``, ``loss_objectness``
             (only the enabled ones).
         """
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
@@ -131,7 +131,7 @@ class SparseInstCriterion(nn.Module):
         b, n, k = logits.shape
         target_classes = matched_target_classes(tgts, indices, (b, n), k, logits.device)
         losses = {
-            "loss_ce": focal_classification_loss(
+            "loss_cls": focal_classification_loss(
                 logits.flatten(0, 1), target_classes.flatten(), self.focal_alpha, self.focal_gamma
             ) / num_inst
         }

@@ -291,7 +291,7 @@ def test_output_shapes_losses_and_table1_params(config, printed, layers, guided,
     model.train()
     losses = model(_batch())
     n_aux = layers + (layers if guided else 0)  # initial + D - 1 layers, plus D GT-guided
-    expect = {f"{k}{s}" for k in ("loss_ce", "loss_mask", "loss_dice") for s in [""] + [f"_{i}" for i in range(n_aux)]}
+    expect = {f"{k}{s}" for k in ("loss_cls", "loss_mask", "loss_dice") for s in [""] + [f"_{i}" for i in range(n_aux)]}
     if ia:
         expect.add("loss_proposal")
     assert set(losses) == expect

@@ -119,16 +119,16 @@ def test_training_losses_and_objectness_switch():
     batch = [{"image": torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8), "height": 64, "width": 96, "image_id": 1,
               "instances": {"labels": torch.tensor([0, 3]), "masks": masks, "boxes": torch.zeros(2, 4)}}]
     losses = build_model(_tiny_cfg()).train()(batch)
-    assert set(losses) == {"loss_ce", "loss_dice", "loss_mask", "loss_objectness"}
+    assert set(losses) == {"loss_cls", "loss_dice", "loss_mask", "loss_objectness"}
     assert all(torch.isfinite(v) for v in losses.values())
     losses = build_model(_tiny_cfg(["MODEL.SPARSE_INST.LOSS.OBJECTNESS_LOSS", "none",
                                     "MODEL.SPARSE_INST.LOSS.MASK_PIXEL_LOSS", "focal"])).train()(batch)
-    assert set(losses) == {"loss_ce", "loss_dice", "loss_mask"}
+    assert set(losses) == {"loss_cls", "loss_dice", "loss_mask"}
     # an image without instances still gives finite (zero mask) losses
     batch[0]["instances"] = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 64, 96, dtype=torch.bool),
                              "boxes": torch.zeros(0, 4)}
     losses = build_model(_tiny_cfg()).train()(batch)
-    assert losses["loss_dice"].item() == 0 and torch.isfinite(losses["loss_ce"])
+    assert losses["loss_dice"].item() == 0 and torch.isfinite(losses["loss_cls"])
 
 
 @pytest.mark.parametrize(
