@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from instseg.modeling.losses import dice_coefficient_matrix
 from instseg.modeling.matcher import NonFiniteCostError, hungarian_assign
 
 from .point_sample import point_sample
@@ -47,10 +48,7 @@ def batch_sigmoid_ce_cost(pred_logits: torch.Tensor, targets: torch.Tensor) -> t
 def batch_dice_cost(pred_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Pairwise dice cost ``1 - (2 sum p t + 1) / (sum p + sum t + 1)`` between ``(N, P)`` logits
     and ``(M, P)`` targets -> ``(N, M)`` float32 (Mask2Former/FastInst smoothing)."""
-    p, t = pred_logits.float().sigmoid(), targets.float()
-    numerator = 2 * p @ t.t()
-    denominator = p.sum(-1)[:, None] + t.sum(-1)[None, :]
-    return 1 - (numerator + 1) / (denominator + 1)
+    return 1 - dice_coefficient_matrix(pred_logits, targets, squared=False, eps_num=1.0, eps_den=1.0)
 
 
 def location_cost(query_locations: torch.Tensor, target_masks: torch.Tensor) -> torch.Tensor:

@@ -270,3 +270,15 @@ def test_conv_norm_relu_stack_keys_layout_and_rng_order():
         assert repr(a) == repr(b)
         sa, sb = a.state_dict(), b.state_dict()
         assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_fastinst_dice_cost_is_the_shared_dice_matrix_with_plus_one_smoothing():
+    from fastinst.matcher import batch_dice_cost
+
+    g = torch.Generator().manual_seed(2)
+    logits, tgt = torch.randn(6, 50, generator=g), (torch.rand(4, 50, generator=g) > 0.5).float()
+    p = logits.sigmoid()
+    before = 1 - (2 * p @ tgt.t() + 1) / (p.sum(-1)[:, None] + tgt.sum(-1)[None, :] + 1)  # the formula FastInst had
+    assert torch.equal(batch_dice_cost(logits, tgt), before)
+    # hand-computed: sigmoid(0) = 0.5 on 4 points, target on 2 of them: 1 - (2 * 1 + 1) / (2 + 2 + 1)
+    assert batch_dice_cost(torch.zeros(1, 4), torch.tensor([[1.0, 1.0, 0.0, 0.0]])).item() == pytest.approx(0.4)
