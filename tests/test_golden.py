@@ -37,9 +37,15 @@ def test_outputs_and_losses_equal_the_recorded_ones(meta_arch, coco128):
         assert _close(g["scores"], w["scores"], 1e-4, 1e-6), f"{where}: scores"
         assert g["labels"] == w["labels"], f"{where}: labels"
         assert _close(g["boxes"], w["boxes"], 0, 0.02), f"{where}: boxes"
-        # a mask may gain or lose a few pixels whose probability sits at the threshold
+        # a mask may gain or lose a few pixels whose probability sits at the threshold (the float
+        # summation order depends on the thread count: QueryInst's near-flat random masks flip
+        # up to 2 pixels between 1 and 2 threads)
         assert _close(g["mask_area"], w["mask_area"], 1e-3, 3), f"{where}: mask areas"
-        assert _close(g["mask_centroid"], w["mask_centroid"], 0, 0.05), f"{where}: mask centroids"
+        # the centroid may move by what those few pixels weigh: (flipped pixels x image side) / area
+        area = torch.tensor(w["mask_area"], dtype=torch.float64).clamp(min=1)
+        tol = 0.05 + (3 + 1e-3 * area) * max(w["shape"][1:]) / area
+        shift = (torch.tensor(g["mask_centroid"], dtype=torch.float64) - torch.tensor(w["mask_centroid"], dtype=torch.float64)).abs()
+        assert bool((shift <= tol[:, None]).all()), f"{where}: mask centroids"
     assert sorted(got["losses"]) == sorted(want["losses"]), f"{meta_arch}: loss terms"
     for k, v in want["losses"].items():
         assert got["losses"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), f"{meta_arch}: {k}"

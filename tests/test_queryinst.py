@@ -340,7 +340,7 @@ def _small_cfg(extra=()):
 
 def test_training_losses_and_inference_contract():
     torch.manual_seed(0)
-    model = build_model(_small_cfg())
+    model = build_model(_small_cfg(["TEST.DETECTIONS_PER_IMAGE", "12"]))  # official max_per_img = N
     h, w = 70, 90
     masks = torch.zeros(2, h, w, dtype=torch.bool)
     masks[0, 5:30, 10:50] = True
