@@ -118,5 +118,5 @@ def compute(meta_arch: str, coco128: Path, extra_opts=()) -> Dict:
     return {
         "images": [d["file_name"].rsplit("/", 1)[-1] for d in images],
         "outputs": outputs,
-        "losses": {k: float(v) for k, v in sorted(losses.items())},
+        "losses": {k: float(v.detach()) for k, v in sorted(losses.items())},
     }
