@@ -19,6 +19,16 @@ Once per image batch, for the IA-guided query classifier (Table I "B"):
 Auxiliary terms are named ``<loss>_<i>`` (official naming; the class term is ``loss_cls`` here,
 the official ``loss_ce``, as in every model of this repository). All losses are returned already
 multiplied by their weights.
+
+Matching (official ``SetCriterion.forward``): an output that carries ``pred_matching_indices``
+(the GT-mask-guided ones: the matching the decoder computed on the last layer for the guidance)
+is supervised with them; every other output is matched here, each with its own random draw of
+matching points. The decoder sets ``None`` on the final output, so the last layer's predictions
+are matched twice per iteration (in the decoder for the guidance, here for their loss). Order,
+as in the official code: the proposal matching and loss, then the final output (match, class
+loss, mask losses), then each auxiliary output in turn; with D layers and GT-mask guidance that
+is 1 + D matcher calls here (final + the initial and first D - 1 layers' outputs) besides the
+decoder's one, and one pixel matching for the proposals.
 """
 from __future__ import annotations
 
@@ -143,15 +153,18 @@ class FastInstCriterion(nn.Module):
         return F.cross_entropy(proposal_logits.float().flatten(2), target_classes)
 
     def _match(self, out: Dict, targets, locations) -> _Indices:
-        if out.get("indices") is not None:
-            return out["indices"]
+        """``out["pred_matching_indices"]`` when given (GT-mask-guided outputs), else a new matching."""
+        if out.get("pred_matching_indices") is not None:
+            return out["pred_matching_indices"]
         return self.matcher(out["pred_logits"].detach(), out["pred_masks"].detach(), targets, locations)
 
     def forward(self, outputs: Dict, targets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """
         Args:
             outputs: the decoder's training output (``pred_logits``, ``pred_masks``,
-                ``proposal_logits``, ``query_locations``, ``aux_outputs``, ``matching_indices``).
+                ``proposal_logits``, ``query_locations``, ``aux_outputs``,
+                ``pred_matching_indices``; each auxiliary output may carry its own
+                ``pred_matching_indices``, see the module docstring).
             targets: per image ``"labels"`` int64 ``(M,)`` and ``"masks"`` bool ``(M, Hp, Wp)``
                 zero-padded to the padded input.
 
@@ -160,10 +173,13 @@ class FastInstCriterion(nn.Module):
             auxiliary predictions and ``loss_proposal`` (IA-guided queries only).
         """
         device = outputs["pred_logits"].device
+        proposal = None
+        if outputs.get("proposal_logits") is not None:  # official: first (no random draw in it)
+            proposal = self.loss_proposals(outputs["proposal_logits"], targets) * self.weights["loss_proposal"]
         num_masks = num_instances_across_ranks(targets, device)
         locations = outputs.get("query_locations")
         final = {"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"],
-                 "indices": outputs.get("matching_indices")}
+                 "pred_matching_indices": outputs.get("pred_matching_indices")}
         groups: List[Tuple[str, Dict]] = [("", final)]
         if self.deep_supervision:
             groups += [(f"_{i}", aux) for i, aux in enumerate(outputs.get("aux_outputs", []))]
@@ -173,6 +189,6 @@ class FastInstCriterion(nn.Module):
             losses["loss_cls" + suffix] = self.loss_labels(out["pred_logits"], targets, indices) * self.weights["loss_cls"]
             for name, value in self.loss_masks(out["pred_masks"], targets, indices, num_masks).items():
                 losses[name + suffix] = value * self.weights[name]
-        if outputs.get("proposal_logits") is not None:
-            losses["loss_proposal"] = self.loss_proposals(outputs["proposal_logits"], targets) * self.weights["loss_proposal"]
+        if proposal is not None:
+            losses["loss_proposal"] = proposal
         return losses

@@ -95,8 +95,11 @@ class FastInstDecoder(_QueryDecoderBase):
             ``pred_logits`` ``(B, N_a, K + 1)``, ``pred_masks`` ``(B, N_a, H/8, W/8)``;
             ``proposal_logits`` ``(B, K + 1, H/16, W/16)`` and ``query_locations`` ``(B, N_a, 2)``
             (None with learnable queries); in training also ``aux_outputs`` (the GT-guided
-            predictions of the D layers, then the initial and first D - 1 layers' predictions;
-            guided ones carry their ``indices``) and ``matching_indices`` of the last layer.
+            predictions of the D layers, then the initial and first D - 1 layers' predictions)
+            and ``pred_matching_indices`` (official name) on the final output and on every
+            auxiliary one: the matching computed here for GT-mask guidance on the guided
+            outputs, ``None`` on all the others, the final (last layer's) output included, which
+            the criterion therefore matches again (official ``fastinst_decoder.py``).
         """
         e4, e3 = features[1], features[2]
         size = tuple(e3.shape[-2:])
@@ -136,9 +139,10 @@ class FastInstDecoder(_QueryDecoderBase):
             for i in range(self.num_layers):
                 qg, pg = self._layer(i, memory[i + 1][0], memory[i + 1][1], qpos, ppos, gt_mask)
                 lg, mg = self._heads(i + 1, qg, pg, size)
-                guided.append({"pred_logits": lg, "pred_masks": mg, "indices": indices})
-        out["aux_outputs"] = guided + [{"pred_logits": lg, "pred_masks": mg} for lg, mg in preds[:-1]]
-        out["matching_indices"] = indices
+                guided.append({"pred_logits": lg, "pred_masks": mg, "pred_matching_indices": indices})
+        out["aux_outputs"] = guided + [{"pred_logits": lg, "pred_masks": mg, "pred_matching_indices": None}
+                                       for lg, mg in preds[:-1]]
+        out["pred_matching_indices"] = None  # official: the last layer is matched again by the criterion
         return out
 
 

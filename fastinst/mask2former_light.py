@@ -110,7 +110,8 @@ class Mask2FormerLightDecoder(_QueryDecoderBase):
                 lvl = i % self.num_levels
                 qg = self._layer(i, memory[i + 1], srcs[lvl], qpos, pos[lvl], gt_masks[lvl])
                 lg, mg = self._heads(qg, mask_features)
-                guided.append({"pred_logits": lg, "pred_masks": mg, "indices": indices})
-        out["aux_outputs"] = guided + [{"pred_logits": lg, "pred_masks": mg} for lg, mg in preds[:-1]]
-        out["matching_indices"] = indices
+                guided.append({"pred_logits": lg, "pred_masks": mg, "pred_matching_indices": indices})
+        out["aux_outputs"] = guided + [{"pred_logits": lg, "pred_masks": mg, "pred_matching_indices": None}
+                                       for lg, mg in preds[:-1]]
+        out["pred_matching_indices"] = None  # official: the last layer is matched again by the criterion
         return out

@@ -22,7 +22,7 @@ from fastinst.query_proposal import QueryProposal, select_query_pixels
 from fastinst.transformer_decoder import FastInstDecoder, Mask2FormerLightDecoder, sine_position_embedding
 from instseg.checkpoint import load_state_dict_with_report
 from instseg.config import setup_cfg
-from instseg.convert import convert_official_state_dict, official_keys_from_ref
+from instseg.convert import convert_official_state_dict, convert_with_report, official_keys_from_ref
 from instseg.modeling import build_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_gt_mask_guided_attention_masks_equal_matched_gt_masks(dual_path):
     feats = [torch.randn(1, 32, 2, 2), torch.randn(1, 32, 4, 4), torch.randn(1, 32, 8, 8)]  # E5, E4, E3 of 64x64
     targets = _small_targets()
     out = dec(feats, targets)
-    (src, tgt), = out["matching_indices"]
+    (src, tgt), = out["aux_outputs"][0]["pred_matching_indices"]  # the decoder's matching for the guidance
     assert len(src) == 2
     sizes = [(8, 8)] * d if dual_path else [(2, 2), (4, 4)]  # Mask2Former: layer i on level i % 3
     for i in range(d):
@@ -195,8 +195,10 @@ def test_gt_mask_guided_attention_masks_equal_matched_gt_masks(dual_path):
                 assert torch.equal(~blocked[q], gt_small.flatten()), (i, q)
             else:  # unmatched and auxiliary queries attend everywhere
                 assert not blocked[q].any(), (i, q)
-        # the guided predictions reuse the last layer's matching
-        assert out["aux_outputs"][i]["indices"] is out["matching_indices"]
+        # the guided predictions reuse the last layer's matching; the final output carries none
+        assert out["aux_outputs"][i]["pred_matching_indices"] is out["aux_outputs"][0]["pred_matching_indices"]
+    assert out["pred_matching_indices"] is None
+    assert all(a["pred_matching_indices"] is None for a in out["aux_outputs"][d:])
     # regular pass: layer 1 masks what the previous head predicted (logit < 0), aux never masked
     prev = out["aux_outputs"][d + 1]["pred_masks"].detach()  # layer 0's prediction
     if not dual_path:
@@ -205,6 +207,115 @@ def test_gt_mask_guided_attention_masks_equal_matched_gt_masks(dual_path):
     expect[expect.all(-1)] = False
     regular = calls[1][0].view(1, heads, nq + naux, -1)[0, 0]
     assert torch.equal(regular[:nq], expect) and not regular[nq:].any()
+
+
+class _CountingMatcher(MaskLocationMatcher):
+    """Records every query matching (its inputs and the indices it returned) and every pixel matching."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.calls, self.pixel_calls = [], 0
+
+    def forward(self, pred_logits, pred_masks, targets, query_locations=None):
+        indices = super().forward(pred_logits, pred_masks, targets, query_locations)
+        self.calls.append({"logits": pred_logits.detach().clone(), "masks": pred_masks.detach().clone(),
+                           "locations": None if query_locations is None else query_locations.clone(),
+                           "indices": indices})
+        return indices
+
+    def match_pixels(self, pixel_logits, targets):
+        self.pixel_calls += 1
+        return super().match_pixels(pixel_logits, targets)
+
+
+def _official_reference_losses(crit, out, targets):
+    """Official ``SetCriterion.forward`` assembled by hand from the criterion's parts: proposals
+    first; the final output is matched anew (its ``pred_matching_indices`` is None); each
+    auxiliary output reuses its ``pred_matching_indices`` if it has them, else is matched; per
+    output: match, class loss, mask losses (that order of random draws)."""
+    w, loc = crit.weights, out["query_locations"]
+    ref = {}
+    if out["proposal_logits"] is not None:
+        proposal = crit.loss_proposals(out["proposal_logits"], targets) * w["loss_proposal"]
+    num_masks = float(sum(len(t["labels"]) for t in targets))
+    groups = [("", out, None)] + [(f"_{i}", a, a["pred_matching_indices"]) for i, a in enumerate(out["aux_outputs"])]
+    for suffix, o, given in groups:
+        indices = given if given is not None else MaskLocationMatcher.forward(
+            crit.matcher, o["pred_logits"].detach(), o["pred_masks"].detach(), targets, loc)
+        ref["loss_cls" + suffix] = crit.loss_labels(o["pred_logits"], targets, indices) * w["loss_cls"]
+        for k, v in crit.loss_masks(o["pred_masks"], targets, indices, num_masks).items():
+            ref[k + suffix] = v * w[k]
+    if out["proposal_logits"] is not None:
+        ref["loss_proposal"] = proposal
+    return ref
+
+
+@pytest.mark.parametrize("dual_path", [True, False])
+def test_matcher_calls_and_losses_follow_the_official_flow(dual_path):
+    """Official flow (fastinst_decoder.py forward / forward_prediction_heads, criterion.py
+    SetCriterion.forward): the decoder matches the last layer once for the GT guidance; the
+    criterion matches the proposals, then the final output again, then every unguided auxiliary
+    output; the D guided outputs reuse the decoder's matching. D + 2 query matchings in all."""
+    nq, naux, d = 6, 2, 3
+    matcher = _CountingMatcher(num_points=300)
+    crit = FastInstCriterion(3, matcher, num_points=200)
+    dec = (FastInstDecoder if dual_path else Mask2FormerLightDecoder)(
+        num_classes=3, hidden_dim=32, num_queries=nq, num_aux_queries=naux, nheads=4, dim_feedforward=64,
+        dec_layers=d, mask_dim=32, gt_mask_guided=True, ia_guided_queries=True, criterion=crit).train()
+    torch.manual_seed(1)
+    feats = [torch.randn(1, 32, 2, 2), torch.randn(1, 32, 4, 4), torch.randn(1, 32, 8, 8)]
+    targets = _small_targets()
+
+    torch.manual_seed(5)
+    out = dec(feats, targets)
+    assert len(matcher.calls) == 1 and matcher.pixel_calls == 0  # the guidance matching
+    guide = matcher.calls[0]
+    torch.testing.assert_close(guide["logits"], out["pred_logits"].detach(), rtol=0, atol=0)  # the last layer
+    torch.testing.assert_close(guide["masks"], out["pred_masks"].detach(), rtol=0, atol=0)
+    torch.testing.assert_close(guide["locations"], out["query_locations"], rtol=0, atol=0)
+    assert out["pred_matching_indices"] is None
+    assert all(a["pred_matching_indices"] is guide["indices"] for a in out["aux_outputs"][:d])
+    assert all(a["pred_matching_indices"] is None for a in out["aux_outputs"][d:])
+    losses = crit(out, targets)
+    rng_after = torch.get_rng_state()
+    assert matcher.pixel_calls == 1
+    assert len(matcher.calls) == 1 + 1 + d  # guidance + final + (initial and first D - 1 layers)
+    # the criterion's first query matching is the final output again (the last layer matched twice)
+    expect_inputs = [out] + out["aux_outputs"][d:]
+    for call, o in zip(matcher.calls[1:], expect_inputs):
+        torch.testing.assert_close(call["logits"], o["pred_logits"].detach(), rtol=0, atol=0)
+        torch.testing.assert_close(call["masks"], o["pred_masks"].detach(), rtol=0, atol=0)
+        torch.testing.assert_close(call["locations"], out["query_locations"], rtol=0, atol=0)
+
+    # same weights, same seed: the hand-assembled official reference gives the same losses
+    matcher.calls.clear()
+    torch.manual_seed(5)
+    out2 = dec(feats, targets)
+    ref = _official_reference_losses(crit, out2, targets)
+    assert torch.equal(torch.get_rng_state(), rng_after)  # the same number of random draws
+    assert set(ref) == set(losses)
+    for k in losses:
+        torch.testing.assert_close(losses[k], ref[k], rtol=0, atol=0, msg=k)
+    # an output that carries pred_matching_indices is not matched again (how the guided ones are kept)
+    matcher.calls.clear()
+    crit(dict(out2, pred_matching_indices=out2["aux_outputs"][0]["pred_matching_indices"]), targets)
+    assert len(matcher.calls) == d
+
+
+def test_model_matcher_call_count_equals_official():
+    """Whole model, D3: per iteration the matcher runs D + 2 = 5 times on queries and once on
+    the proposal pixels (official: 1 in the decoder, 1 + D in SetCriterion.forward)."""
+    torch.manual_seed(0)
+    cfg = setup_cfg(str(CFG / "R50_D3_640.yaml"), [
+        "MODEL.NUM_CLASSES", "4", "MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "BN",
+        "MODEL.FASTINST.NUM_OBJECT_QUERIES", "20", "MODEL.FASTINST.TRAIN_NUM_POINTS", "256"])
+    model = build_model(cfg).train()
+    counting = _CountingMatcher(num_points=256)
+    model.criterion.matcher = counting
+    assert model.sem_seg_head.predictor.criterion.matcher is counting  # one criterion, two names
+    losses = model(_batch())
+    assert len(counting.calls) == 3 + 2 and counting.pixel_calls == 1
+    assert len([k for k in losses if k.startswith("loss_mask")]) == 1 + 2 * 3
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -226,6 +337,31 @@ def test_point_sample_pixel_centres_and_importance_sampling():
     assert 0.35 < (pts[0, :, 0] < 16.5 / 32).float().mean() < 0.7
     with pytest.raises(ValueError, match="oversample_ratio"):
         uncertain_point_coords_with_randomness(logits, lambda v: -v.abs(), 10, 0.5, 0.5)
+
+
+def test_ppm_fpn_init_follows_the_official_code():
+    """Official ``fastinst/modeling/pixel_decoder/fastinst_encoder.py``: adapters and output convs
+    ``c2_xavier_fill``-ed (no bias under GN); the PPM's branch convs and bottleneck keep PyTorch's
+    default init (kaiming-uniform a=sqrt(5): std 1/sqrt(3 fan_in), biases uniform in +-1/sqrt(fan_in))."""
+    torch.manual_seed(0)
+    dec = PPMFPN([512, 1024, 2048], channels=256, ppm_channels=64)
+    ppm_convs = [s[1] for s in dec.ppm.stages] + [dec.ppm.bottleneck]
+    assert [c.in_channels for c in ppm_convs] == [256] * 4 + [512]
+    for conv in ppm_convs:
+        fan_in = conv.weight[0].numel()
+        bound = fan_in ** -0.5
+        assert float(conv.weight.detach().std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+        assert float(conv.weight.detach().abs().max()) <= bound
+        assert bool((conv.bias.detach() != 0).all()) and float(conv.bias.detach().abs().max()) <= bound
+        assert float(conv.bias.detach().std()) > 0.3 * bound / 3 ** 0.5
+    # c2_msra_fill would give std sqrt(2 / fan_out): 0.18 on the branches, 0.09 on the bottleneck
+    assert float(ppm_convs[0].weight.detach().std()) < 0.05 and float(dec.ppm.bottleneck.weight.detach().std()) < 0.03
+    for i in (1, 2, 3):  # c2_xavier_fill: kaiming-uniform a=1, std 1/sqrt(fan_in)
+        for conv in (getattr(dec, f"adapter_{i}"), getattr(dec, f"layer_{i}")):
+            fan_in = conv.weight[0].numel()
+            assert float(conv.weight.detach().std()) == pytest.approx(fan_in ** -0.5, rel=0.05)
+            assert float(conv.weight.detach().abs().max()) <= (3 / fan_in) ** 0.5
+            assert conv.bias is None
 
 
 def test_ppm_fpn_shapes_keys_and_sine_embedding():
@@ -369,6 +505,31 @@ def test_parameter_counts_and_official_checkpoint_conversion(config, ref):
                       ("backbone.res5.2.conv3.weight" if "vd" not in ref else "backbone.layer4.2.conv3.weight",
                        "backbone.body.layer4.2.conv3.weight")]:
         torch.testing.assert_close(sd[mine], official[off])
+
+
+@pytest.mark.parametrize("config,ref", REF_CASES, ids=[r for _, r in REF_CASES])
+def test_converted_official_weights_load_strictly(config, ref):
+    """A state dict with exactly the official keys and shapes converts and loads with
+    ``strict=True``: every official key is converted (none dropped or unmatched), every tensor
+    of ours is filled with its official value, none is left over. The criterion is one module
+    under two names (``criterion``, ``sem_seg_head.predictor.criterion``) in both layouts, so
+    both ``empty_weight`` keys are kept (dropping ``criterion.*`` failed the strict load)."""
+    shapes = official_keys_from_ref(str(REFS / f"{ref}.json"))
+    assert {"criterion.empty_weight", "sem_seg_head.predictor.criterion.empty_weight"} <= set(shapes)
+    official = {k: torch.full(tuple(s), float(i % 997) / 997 + 1) for i, (k, s) in enumerate(shapes.items())}
+    # one tensor in the official model too, saved under both names
+    official["criterion.empty_weight"] = official["sem_seg_head.predictor.criterion.empty_weight"].clone()
+    converted, report = convert_with_report(official, "fastinst")
+    assert report.dropped == [] and report.unmatched == [] and len(report.converted) == len(official)
+    model = build_model(setup_cfg(str(CFG / config), ["MODEL.NUM_CLASSES", "80", "MODEL.DEVICE", "cpu"]))
+    n_params = _n(model)
+    assert set(converted) == set(model.state_dict())
+    incompatible = model.load_state_dict(converted, strict=True)
+    assert not incompatible.missing_keys and not incompatible.unexpected_keys
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, converted[k].to(v.dtype)), k
+    assert model.criterion.empty_weight is model.sem_seg_head.predictor.criterion.empty_weight
+    assert _n(model) == n_params
 
 
 # ------------------------------------------------------------------ real data
