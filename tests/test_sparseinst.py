@@ -62,6 +62,33 @@ def test_encoder_switches_table2():
             assert (enc.ppm is not None) == ppm and (enc.fusion is not None) == fusion
 
 
+def test_encoder_init_follows_the_official_code():
+    """Official ``sparseinst/encoder.py``: the FPN laterals/outputs are ``c2_xavier_fill``-ed, the
+    fusion conv ``c2_msra_fill``-ed, and the PPM's convs keep PyTorch's default init
+    (kaiming-uniform a=sqrt(5): std 1/sqrt(3 fan_in), biases uniform in +-1/sqrt(fan_in))."""
+    torch.manual_seed(0)
+    enc = InstanceContextEncoder([512, 1024, 2048], channels=256, ppm_channels=64)
+    ppm_convs = [s[1] for s in enc.ppm.stages] + [enc.ppm.bottleneck]
+    assert [c.in_channels for c in ppm_convs] == [256] * 4 + [512]
+    for conv in ppm_convs:
+        fan_in = conv.weight[0].numel()
+        bound = fan_in ** -0.5
+        assert float(conv.weight.detach().std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+        assert float(conv.weight.detach().abs().max()) <= bound
+        assert bool((conv.bias.detach() != 0).all()) and float(conv.bias.detach().abs().max()) <= bound
+        assert float(conv.bias.detach().std()) > 0.3 * bound / 3 ** 0.5
+    # c2_msra_fill would give std sqrt(2 / fan_out): 0.18 on the branches, 0.09 on the bottleneck
+    assert float(ppm_convs[0].weight.detach().std()) < 0.05 and float(enc.ppm.bottleneck.weight.detach().std()) < 0.03
+    for conv in list(enc.fpn_laterals) + list(enc.fpn_outputs):  # c2_xavier_fill: kaiming-uniform a=1
+        fan_in = conv.weight[0].numel()
+        assert float(conv.weight.detach().std()) == pytest.approx(fan_in ** -0.5, rel=0.05)
+        assert float(conv.weight.detach().abs().max()) <= (3 / fan_in) ** 0.5
+        assert bool((conv.bias.detach() == 0).all())
+    fan_out = enc.fusion.out_channels  # c2_msra_fill: kaiming-normal, fan_out, ReLU gain
+    assert float(enc.fusion.weight.detach().std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)
+    assert bool((enc.fusion.bias.detach() == 0).all())
+
+
 def _ref(name):
     return json.loads((REFS / f"{name}.json").read_text())
 
