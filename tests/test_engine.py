@@ -40,6 +40,130 @@ def test_lr_lambda_warmup_and_steps():
     assert f(20) == pytest.approx(0.1) and f(30) == pytest.approx(0.01)
 
 
+def _detectron2_lr_multiplier(it, max_iter, steps, gamma, warmup_iters, warmup_factor, method="linear"):
+    """Detectron2's LR multiplier at iteration ``it``, written out from its code with no fvcore:
+    ``build_lr_scheduler`` (MultiStepParamScheduler(values=gamma**k, milestones=STEPS <= MAX_ITER,
+    num_updates=MAX_ITER) under WarmupParamScheduler(factor, min(WARMUP_ITERS / MAX_ITER, 1))) and
+    ``LRMultiplier`` (scheduler(it / MAX_ITER)); fvcore's WHERE_EPSILON is 1e-6."""
+    import bisect
+
+    eps = 1e-6
+    steps = [x for x in steps if x <= max_iter]
+
+    def multistep(where):
+        return gamma ** bisect.bisect_right(steps, int((where + eps) * max_iter))
+
+    length = min(warmup_iters / max_iter, 1.0)
+    where = it / max_iter
+    if where + eps > length:  # CompositeParamScheduler: past the warm-up, main schedule, "fixed"
+        return multistep(where)
+    start, end = warmup_factor * multistep(0.0), multistep(length)
+    if method == "constant":
+        return start
+    w = where / length  # "rescaled"
+    return end * w + start * (1 - w)
+
+
+def _old_lr_multiplier(it, steps, gamma, warmup_iters, warmup_factor):
+    """The rule before Detectron2's (warm-up factor times the current step factor)."""
+    import bisect
+
+    f = gamma ** bisect.bisect_right(sorted(steps), it)
+    if it < warmup_iters:
+        a = it / warmup_iters
+        f *= warmup_factor * (1 - a) + a
+    return f
+
+
+@pytest.mark.parametrize(
+    "warmup_iters, max_iter, steps",
+    [(1000, 600, (450,)), (100, 200, (50,)), (50, 600, (450,)), (0, 300, (100, 200)), (1000, 90000, (60000, 80000))],
+)
+@pytest.mark.parametrize("method", ["linear", "constant"])
+def test_lr_schedule_is_detectron2s_at_every_iteration(warmup_iters, max_iter, steps, method):
+    cfg = get_cfg()
+    s = cfg.SOLVER
+    s.WARMUP_ITERS, s.MAX_ITER, s.STEPS, s.WARMUP_METHOD = warmup_iters, max_iter, steps, method
+    s.BASE_LR, s.WARMUP_FACTOR, s.GAMMA = 2e-4, 1e-3, 0.1
+    f = build_lr_lambda(cfg)
+    for it in range(max_iter + 1):
+        ref = _detectron2_lr_multiplier(it, max_iter, steps, 0.1, warmup_iters, 1e-3, method)
+        assert f(it) == pytest.approx(ref, rel=1e-12, abs=0), it
+
+
+def test_lr_warmup_capped_at_max_iter_and_ends_at_the_schedules_value():
+    def lrs(warmup_iters, max_iter, steps):
+        cfg = get_cfg()
+        s = cfg.SOLVER
+        s.WARMUP_ITERS, s.MAX_ITER, s.STEPS = warmup_iters, max_iter, steps
+        s.BASE_LR, s.WARMUP_FACTOR, s.GAMMA = 2e-4, 1e-3, 0.1
+        f = build_lr_lambda(cfg)
+        return [2e-4 * f(it) for it in range(max_iter + 1)]
+
+    # (a) warm-up longer than the run: one linear ramp over all of it, from 2e-7 to the value at
+    # MAX_ITER (2e-5, after the step at 450); no drop at 450 (the old rule: up to 9e-5, down to 9e-6)
+    a = lrs(1000, 600, (450,))
+    assert a[0] == pytest.approx(2e-7) and a[600] == pytest.approx(2e-5) and a[599] == pytest.approx(2e-5, rel=2e-3)
+    assert all(x < y for x, y in zip(a, a[1:]))
+    assert max(a) == pytest.approx(2e-5)
+    assert 2e-4 * _old_lr_multiplier(449, (450,), 0.1, 1000, 1e-3) == pytest.approx(8.991e-5, rel=1e-4)
+    # (b) a step inside the warm-up: the ramp goes to the value after the step (2e-5 at 100)
+    b = lrs(100, 200, (50,))
+    assert b[49] == pytest.approx(2e-4 * (0.1 * 0.49 + 1e-3 * 0.51)) and b[49] == pytest.approx(9.9e-6, rel=1e-3)
+    assert b[100] == pytest.approx(2e-5) and b[199] == pytest.approx(2e-5)
+    assert 2e-4 * _old_lr_multiplier(49, (50,), 0.1, 100, 1e-3) == pytest.approx(9.81e-5, rel=1e-4)
+    # (c) warm-up over before the first step: the same curve as the old rule
+    c = lrs(50, 600, (450,))
+    for it in range(601):
+        assert c[it] == pytest.approx(2e-4 * _old_lr_multiplier(it, (450,), 0.1, 50, 1e-3), rel=1e-12), it
+    assert c[0] == pytest.approx(2e-7) and c[50] == pytest.approx(2e-4) and c[450] == pytest.approx(2e-5)
+
+
+def test_lr_steps_at_or_after_max_iter_ignored_and_bad_config_rejected():
+    cfg = get_cfg()
+    cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 10, 100, (50, 100, 150)
+    f = build_lr_lambda(cfg)  # 100 and 150 are never reached
+    assert f(99) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    for key, value in (("MAX_ITER", 0), ("WARMUP_METHOD", "cosine"), ("STEPS", (50, 50))):
+        bad = cfg.clone()
+        setattr(bad.SOLVER, key, value)
+        with pytest.raises(ValueError):
+            build_lr_lambda(bad)
+
+
+def test_lr_scheduler_state_resumes_to_the_same_lr():
+    """LambdaLR's state (what Lightning checkpoints) stores no schedule; rebuilt from the same
+    config and loaded, it continues with the uninterrupted run's LRs."""
+    cfg = get_cfg()
+    cfg.SOLVER.WARMUP_ITERS, cfg.SOLVER.MAX_ITER, cfg.SOLVER.STEPS = 30, 20, (10,)  # warm-up capped
+
+    def sched():
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, build_lr_lambda(cfg))
+
+    opt, s = sched()
+    full = []
+    for _ in range(20):
+        full.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    opt, s = sched()
+    for _ in range(7):
+        opt.step()
+        s.step()
+    state, opt_state = s.state_dict(), opt.state_dict()
+    assert state["lr_lambdas"] == [None]
+    opt, s = sched()
+    opt.load_state_dict(opt_state)
+    s.load_state_dict(state)
+    resumed = []
+    for _ in range(13):
+        resumed.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert resumed == pytest.approx(full[7:], rel=1e-12)
+
+
 def test_param_groups_backbone_multiplier_and_norm_decay():
     class M(torch.nn.Module):
         def __init__(self):
@@ -356,7 +480,8 @@ def test_logged_lr_is_base_lr_times_multiplier_also_after_resume(two_sets, tmp_p
         cfg.SOLVER.STEPS, cfg.SOLVER.GAMMA, cfg.SOLVER.CHECKPOINT_PERIOD = (3,), 0.5, 3
         return cfg
 
-    mult = build_lr_lambda(cfg_for(3))
+    # each run follows its own config's schedule (the warm-up of 4 is capped at MAX_ITER=3 in the first)
+    mult3, mult5 = build_lr_lambda(cfg_for(3)), build_lr_lambda(cfg_for(5))
     rec = _RecordLR()
     cfg = cfg_for(3)
     build_trainer(cfg, extra_callbacks=[rec]).fit(InstSegModule(cfg), datamodule=InstSegDataModule(cfg))
@@ -365,12 +490,12 @@ def test_logged_lr_is_base_lr_times_multiplier_also_after_resume(two_sets, tmp_p
     build_trainer(cfg2, extra_callbacks=[rec2]).fit(InstSegModule(cfg2), datamodule=InstSegDataModule(cfg2),
                                                      ckpt_path=str(tmp_path / "last.ckpt"))
     assert sorted(rec.logged) == [0, 1, 2] and sorted(rec2.logged) == [3, 4]
-    for r in (rec, rec2):
+    for r, mult in ((rec, mult3), (rec2, mult5)):
         for step, lr in r.logged.items():
             assert lr == pytest.approx(0.01 * mult(step), rel=1e-6), step
             # the backbone group (first) runs 10x lower, the head group at the logged LR
             assert sorted(r.group_lrs[step]) == pytest.approx(sorted([0.001 * mult(step), 0.01 * mult(step)]), rel=1e-6)
-    assert mult(3) != mult(4) != mult(0)  # the checked values differ from step to step
+    assert mult5(3) != mult5(4) != mult3(0)  # the checked values differ from step to step
 
 
 def _train_args(coco128, out, max_iter, extra=()):
@@ -418,13 +543,16 @@ def _weights(path):
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(coco128, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    _run(_train_args(coco128, full, 6, ["SOLVER.CHECKPOINT_PERIOD", "3"]))
+    # warm-up over by the interruption: a run with MAX_ITER 3 has the 6-iteration run's first LRs
+    # (the warm-up is capped at MAX_ITER, so WARMUP_ITERS 5 would give the short run its own ramp)
+    extra = ["SOLVER.CHECKPOINT_PERIOD", "3", "SOLVER.WARMUP_ITERS", "3"]
+    _run(_train_args(coco128, full, 6, extra))
     # "interrupted" after iteration 3: same config, stopped at 3 ...
-    _run(_train_args(coco128, part, 3, ["SOLVER.CHECKPOINT_PERIOD", "3"]))
+    _run(_train_args(coco128, part, 3, extra))
     step, _ = _weights(part / "last.ckpt")
     assert step == 3
     # ... and resumed to 6
-    p = _run(["--resume"] + _train_args(coco128, part, 6, ["SOLVER.CHECKPOINT_PERIOD", "3"]))
+    p = _run(["--resume"] + _train_args(coco128, part, 6, extra))
     assert "Resuming from" in p.stdout and "at iteration 3" in p.stdout
     resumed_steps = sorted(_losses(part))
     assert resumed_steps[0] == 0 and resumed_steps[-1] == 5  # csv: 0-based steps 0..2 then 3..5

@@ -109,6 +109,22 @@ class InstSegModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(self.cfg))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
+    def on_train_start(self):
+        """Set every group's LR to the schedule's value at the scheduler's (restored) step.
+
+        On resume the optimizer's LRs come from the checkpoint, i.e. from the schedule of the run
+        that wrote it; the schedule depends on ``SOLVER.MAX_ITER`` (the warm-up is capped at it), so
+        a resume with a different ``MAX_ITER`` would otherwise run its first iteration at the old
+        schedule's LR. Same config: the same values (a no-op)."""
+        if self._trainer is None:
+            return
+        scheds = self.lr_schedulers()
+        for sched in scheds if isinstance(scheds, list) else [scheds]:
+            if isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                for group, base, lmbda in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+                    group["lr"] = base * lmbda(sched.last_epoch)
+                sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """``SOLVER.CLIP_GRADIENTS`` (``CLIP_TYPE``, ``CLIP_VALUE``, ``NORM_TYPE``) on the optimizer's
         parameters; the Trainer's own ``gradient_clip_val`` is not used (it knows only the 2-norm).

@@ -11,16 +11,37 @@ parameter, with a handful of groups instead of hundreds.
 Gradient clipping (:func:`clip_gradients`, ``SOLVER.CLIP_GRADIENTS``): ``"value"`` clamps every
 gradient element to ``[-CLIP_VALUE, CLIP_VALUE]``; ``"norm"`` rescales all gradients together so
 that their total ``NORM_TYPE``-norm is at most ``CLIP_VALUE``.
+
+LR schedule (:func:`build_lr_lambda`): Detectron2's ``WarmupMultiStepLR`` as its
+``build_lr_scheduler`` builds it (fvcore ``ParamScheduler`` classes evaluated at ``it / MAX_ITER``):
+the warm-up lasts at most ``MAX_ITER`` iterations and ramps to the step schedule's value at its end.
 """
 from __future__ import annotations
 
-import bisect
+import logging
 from typing import Dict, Iterable, List
 
 import torch
+from fvcore.common.param_scheduler import (
+    CompositeParamScheduler,
+    ConstantParamScheduler,
+    LinearParamScheduler,
+    MultiStepParamScheduler,
+    ParamScheduler,
+)
 from torch import nn
 
-__all__ = ["build_optimizer", "build_lr_lambda", "get_param_groups", "merge_param_groups", "clip_gradients"]
+__all__ = [
+    "build_optimizer",
+    "build_lr_lambda",
+    "build_param_scheduler",
+    "WarmupParamScheduler",
+    "get_param_groups",
+    "merge_param_groups",
+    "clip_gradients",
+]
+
+logger = logging.getLogger(__name__)
 
 _NORM_TYPES = (
     nn.BatchNorm1d,
@@ -93,24 +114,79 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     raise ValueError(f"SOLVER.OPTIMIZER must be ADAMW or SGD, got '{cfg.SOLVER.OPTIMIZER}'")
 
 
-def build_lr_lambda(cfg):
-    """Multiplier of the base LR at iteration ``it``: linear (or constant) warm-up from
-    ``WARMUP_FACTOR`` over ``WARMUP_ITERS``, times ``GAMMA ** (number of STEPS <= it)``."""
+class WarmupParamScheduler(CompositeParamScheduler):
+    """Detectron2's warm-up (``detectron2.solver.lr_scheduler.WarmupParamScheduler``) on fvcore's
+    :class:`CompositeParamScheduler` (fvcore has none): a warm-up over the first
+    ``warmup_length`` (a fraction of the run, in ``[0, 1]``) of ``scheduler``, then ``scheduler``
+    itself on its own time axis.
+
+    The warm-up starts at ``warmup_factor * scheduler(0)`` and, for ``"linear"``, ramps to
+    ``scheduler(warmup_length)``, the schedule's value at the end of the warm-up (it does *not*
+    multiply a warm-up factor by the schedule's current value); ``"constant"`` stays at the start
+    value until the warm-up ends.
+    """
+
+    def __init__(self, scheduler: ParamScheduler, warmup_factor: float, warmup_length: float, warmup_method: str = "linear"):
+        end_value = scheduler(warmup_length)
+        start_value = warmup_factor * scheduler(0.0)
+        if warmup_method == "constant":
+            warmup = ConstantParamScheduler(start_value)
+        elif warmup_method == "linear":
+            warmup = LinearParamScheduler(start_value, end_value)
+        else:
+            raise ValueError(f"SOLVER.WARMUP_METHOD must be linear or constant, got '{warmup_method}'")
+        super().__init__([warmup, scheduler], interval_scaling=["rescaled", "fixed"], lengths=[warmup_length, 1 - warmup_length])
+
+
+def build_param_scheduler(cfg) -> ParamScheduler:
+    """The LR multiplier as a function of the training progress ``where = it / MAX_ITER``, built
+    as Detectron2's ``build_lr_scheduler`` builds ``WarmupMultiStepLR``: a fvcore
+    :class:`MultiStepParamScheduler` (values ``GAMMA ** k``, milestones ``STEPS``, ``num_updates =
+    MAX_ITER``) under a :class:`WarmupParamScheduler` of length ``min(WARMUP_ITERS / MAX_ITER, 1)``.
+
+    ``STEPS`` at or after ``MAX_ITER`` are dropped with a warning (no training iteration reaches
+    them; Detectron2 drops those after it and fvcore rejects one equal to it).
+
+    Raises:
+        ValueError: ``MAX_ITER < 1``, unknown ``WARMUP_METHOD``, or ``STEPS`` not positive and distinct.
+    """
     s = cfg.SOLVER
-    steps = sorted(int(x) for x in s.STEPS)
-    warmup_iters, warmup_factor, method, gamma = int(s.WARMUP_ITERS), float(s.WARMUP_FACTOR), s.WARMUP_METHOD, float(s.GAMMA)
-    if method not in ("linear", "constant"):
-        raise ValueError(f"SOLVER.WARMUP_METHOD must be linear or constant, got '{method}'")
+    max_iter = int(s.MAX_ITER)
+    if max_iter < 1:
+        raise ValueError(f"SOLVER.MAX_ITER must be >= 1, got {s.MAX_ITER}")
+    if s.WARMUP_METHOD not in ("linear", "constant"):
+        raise ValueError(f"SOLVER.WARMUP_METHOD must be linear or constant, got '{s.WARMUP_METHOD}'")
+    all_steps = sorted(int(x) for x in s.STEPS)
+    steps = [x for x in all_steps if x < max_iter]
+    if len(steps) != len(all_steps):
+        logger.warning("SOLVER.STEPS %s at or after SOLVER.MAX_ITER=%d are ignored", [x for x in all_steps if x >= max_iter], max_iter)
+    if any(x <= 0 for x in steps) or len(set(steps)) != len(steps):
+        raise ValueError(f"SOLVER.STEPS must be distinct positive iterations, got {tuple(s.STEPS)}")
+    gamma = float(s.GAMMA)
+    # fvcore wants num_updates >= len(values); with distinct positive steps < MAX_ITER that holds
+    main = MultiStepParamScheduler(values=[gamma**k for k in range(len(steps) + 1)], milestones=steps, num_updates=max_iter)
+    warmup_length = min(int(s.WARMUP_ITERS) / max_iter, 1.0)
+    return WarmupParamScheduler(main, float(s.WARMUP_FACTOR), warmup_length, s.WARMUP_METHOD)
+
+
+def build_lr_lambda(cfg):
+    """Multiplier of the base LR at iteration ``it`` for :class:`torch.optim.lr_scheduler.LambdaLR`:
+    :func:`build_param_scheduler` evaluated at ``it / MAX_ITER``, as Detectron2's ``LRMultiplier``
+    does (``it`` past ``MAX_ITER`` gets the value at ``MAX_ITER``).
+
+    Linear warm-up from ``WARMUP_FACTOR`` over ``min(WARMUP_ITERS, MAX_ITER)`` iterations to the
+    step schedule's value at the warm-up's end (``GAMMA ** (number of STEPS <= that end)``), then
+    ``GAMMA ** (number of STEPS <= it)``. When the warm-up ends before the first step this is the
+    textbook ``(WARMUP_FACTOR * (1 - it / WARMUP_ITERS) + it / WARMUP_ITERS) * GAMMA ** k``.
+
+    A plain function (not a callable object), so ``LambdaLR.state_dict()`` stores no schedule: a
+    resumed run rebuilds it from the config and continues at the checkpoint's iteration.
+    """
+    sched = build_param_scheduler(cfg)
+    max_iter = int(cfg.SOLVER.MAX_ITER)
 
     def lr_lambda(it: int) -> float:
-        factor = gamma ** bisect.bisect_right(steps, it)
-        if it < warmup_iters:
-            if method == "linear":
-                alpha = it / warmup_iters
-                factor *= warmup_factor * (1 - alpha) + alpha
-            else:
-                factor *= warmup_factor
-        return factor
+        return float(sched(min(it / max_iter, 1.0)))
 
     return lr_lambda
 
