@@ -11,19 +11,23 @@ Per stage ``t`` (weight 1 each), after Hungarian matching of the stage's own pre
 - ``loss_giou``: ``1 - GIoU`` of matched pixel boxes, summed / ``num_pos``; weight 2.0.
 - ``loss_mask``: dice (squared denominator, eps 1e-5) between the sigmoid of the GT-class channel
   of the 28x28 mask logits of each matched query and its target, summed / ``num_pos``; weight 8.0.
-  The mask RoI is the stage's refined box ``b_t`` (detached); the target is the GT mask cropped and
-  resized to that box by RoIAlign (aligned, adaptive sampling) and binarized at 0.5 (mmdetection
-  ``mask_target``).
+  The mask RoI is the stage's refined box ``b_t`` (detached); the target is the GT mask, zero-padded
+  to the padded batch size, cropped and resized to that box *clipped to the padded mask* by
+  RoIAlign (aligned, adaptive sampling) and binarized at 0.5 (mmdetection 3.x
+  ``mask_target_single``: ``np.clip`` of the box to ``[0, gt_masks.width]`` x
+  ``[0, gt_masks.height]``, the masks padded to ``batch_input_shape`` by ``DetDataPreprocessor``
+  with ``pad_mask=True``; the mask head itself pools the unclipped box).
 
 ``num_pos`` is the number of matched predictions in the batch (``min(N, #GT)`` per image), averaged
 over DDP ranks, at least 1.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.ops import generalized_box_iou_loss, roi_align
 
 from instseg.modeling.losses import (
@@ -40,22 +44,43 @@ from .matcher import BoxSetMatcher
 __all__ = ["QueryInstCriterion", "crop_mask_targets"]
 
 
-def crop_mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, gt_indices: torch.Tensor, size: int = 28) -> torch.Tensor:
-    """Crop ground-truth masks to boxes and resize them to ``size x size`` (binary targets).
+def crop_mask_targets(
+    gt_masks: torch.Tensor,
+    boxes: torch.Tensor,
+    gt_indices: torch.Tensor,
+    size: int = 28,
+    pad_size: Optional[Tuple[int, int]] = None,
+) -> torch.Tensor:
+    """Crop ground-truth masks to boxes and resize them to ``size x size`` (binary targets), as
+    mmdetection's ``mask_target_single`` does.
 
     Args:
         gt_masks: ``(M, H, W)`` bool or float masks of one image (input pixels).
-        boxes: ``(R, 4)`` xyxy pixels, the RoIs.
+        boxes: ``(R, 4)`` xyxy pixels, the RoIs (may reach past the image).
         gt_indices: ``(R,)`` int64, which GT mask each RoI is compared with.
         size: output side (28).
+        pad_size: ``(Hp, Wp)`` of the padded batch: the masks are zero-padded at the bottom/right
+            to it first (mmdetection pads the GT masks to ``batch_input_shape``); ``None`` keeps
+            ``(H, W)``.
     Returns:
-        ``(R, size, size)`` float32 in {0, 1}: ``roi_align`` of the float mask (aligned, adaptive
-        sampling), thresholded at 0.5.
+        ``(R, size, size)`` float32 in {0, 1}: each box clipped to the (padded) mask,
+        ``x`` to ``[0, Wp]`` and ``y`` to ``[0, Hp]``, then ``roi_align`` of the float mask
+        (aligned, adaptive sampling), thresholded at 0.5.
+    Raises:
+        ValueError: ``pad_size`` smaller than the masks.
     """
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0, size, size), dtype=torch.float32)
-    rois = torch.cat([gt_indices.to(boxes.device, torch.float32)[:, None], boxes.float()], dim=1)
     m = gt_masks.to(boxes.device, torch.float32)[:, None]
+    if pad_size is not None:
+        ph, pw = int(pad_size[0]), int(pad_size[1])
+        if ph < m.shape[-2] or pw < m.shape[-1]:
+            raise ValueError(f"pad_size {(ph, pw)} is smaller than the masks {tuple(m.shape[-2:])}")
+        m = F.pad(m, (0, pw - m.shape[-1], 0, ph - m.shape[-2]))
+    h, w = m.shape[-2:]
+    b = boxes.float()
+    b = torch.stack([b[:, 0].clamp(0, w), b[:, 1].clamp(0, h), b[:, 2].clamp(0, w), b[:, 3].clamp(0, h)], dim=1)
+    rois = torch.cat([gt_indices.to(boxes.device, torch.float32)[:, None], b], dim=1)
     return (roi_align(m, rois, size, 1.0, 0, True)[:, 0] >= 0.5).float()
 
 
@@ -164,6 +189,7 @@ class QueryInstCriterion(nn.Module):
         stage_outputs: List[Dict[str, torch.Tensor]],
         image_sizes: torch.Tensor,
         targets: Sequence[Dict[str, torch.Tensor]],
+        pad_size: Optional[Tuple[int, int]] = None,
     ) -> Dict[str, torch.Tensor]:
         """Weighted losses of every stage, named ``stage{t}_loss_{cls,bbox,giou,mask}``.
 
@@ -174,6 +200,8 @@ class QueryInstCriterion(nn.Module):
             image_sizes: ``(B, 2)`` unpadded ``(h, w)``.
             targets: per image ``labels`` int64 ``(M,)``, ``boxes`` ``(M, 4)`` xyxy pixels,
                 ``masks`` bool ``(M, h, w)`` at the unpadded input size.
+            pad_size: ``(Hp, Wp)`` of the padded image batch, to which the GT masks are padded
+                for the mask targets (:func:`crop_mask_targets`); ``None``: not padded.
         Raises:
             ValueError: ``STAGE_WEIGHTS`` has a length other than the number of stages.
         """
@@ -204,7 +232,7 @@ class QueryInstCriterion(nn.Module):
                 mask_logits = roi_head.forward_masks(t, features, pos_boxes, [src for src, _ in indices], stage_outputs)
                 labels = gather_matched_targets(targets, indices, "labels", dev)
                 mask_targets = torch.cat([
-                    crop_mask_targets(targets[i]["masks"], pos_boxes[i], tgt.to(dev), self.mask_size)
+                    crop_mask_targets(targets[i]["masks"], pos_boxes[i], tgt.to(dev), self.mask_size, pad_size)
                     for i, (_, tgt) in enumerate(indices)
                 ])
                 stage_losses["loss_mask"] = self.mask_loss(mask_logits, labels, mask_targets, num_pos)

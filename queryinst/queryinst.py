@@ -124,7 +124,7 @@ class QueryInst(MetaArchBase):
         stages = self.roi_head.forward_boxes(features, image_sizes)
         if self.training:
             targets = collect_targets(batched_inputs, ("labels", "boxes", "masks"), self.device)
-            return self.criterion(self.roi_head, features, stages, image_sizes, targets)
+            return self.criterion(self.roi_head, features, stages, image_sizes, targets, tuple(images.shape[-2:]))
         return self.inference(features, stages, batched_inputs, sizes)
 
     @torch.no_grad()

@@ -199,6 +199,36 @@ def test_mask_targets_crop_to_the_box():
     assert t[0, -1, 0] == 1 and t[0, 0, 0] == 0 and t[0, -1, -1] == 0
 
 
+def test_mask_targets_clip_the_box_to_the_padded_mask_hand_checked():
+    """mmdetection's mask_target_single clips each box to [0, W] x [0, H] of the (padded) GT mask
+    before RoIAlign (aligned, sampling_ratio 0 = ceil(bin size) samples per bin side)."""
+    gt = torch.ones(1, 4, 4, dtype=torch.bool)  # the object fills the 4 x 4 image
+    idx = torch.tensor([0])
+    # Box half outside on the left. Clipped: [0, 0, 4, 4] = the whole mask -> every bin is 1.
+    # Unclipped it would be: x from -4.5 to 3.5 (aligned), 2 bins of 4 px, 4 samples each at
+    # x = -4, -3, -2, -1 (bin 0: -4..-2 lie beyond -1 and read 0, -1 reads column 0 -> mean 0.25,
+    # target 0) and x = 0..3 (bin 1: 1).
+    t = crop_mask_targets(gt, torch.tensor([[-4.0, 0, 4, 4]]), idx, 2)
+    assert torch.equal(t[0], torch.ones(2, 2))
+    # Zero-padded to the batch's (4, 8): the box [-4, 0, 12, 4] is clipped to [0, 0, 8, 4]; x from
+    # -0.5 to 7.5, bins of 4 px with samples at x = 0..3 (the object: 1) and x = 4..7 (padding: 0);
+    # y samples at 0, 1 and 2, 3 (all inside). Target [[1, 0], [1, 0]].
+    t = crop_mask_targets(gt, torch.tensor([[-4.0, 0, 12, 4]]), idx, 2, pad_size=(4, 8))
+    assert torch.equal(t[0], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
+    # the same box without the padding is clipped to the 4 x 4 mask: all 1
+    t = crop_mask_targets(gt, torch.tensor([[-4.0, 0, 12, 4]]), idx, 2)
+    assert torch.equal(t[0], torch.ones(2, 2))
+    # Box reaching below the image (no padding): clipped to [0, 0, 4, 4] -> all 1. Unclipped,
+    # y from -0.5 to 7.5 would put bin 1's samples at y = 4 (edge row, 1), 5, 6, 7 (0): mean 0.25.
+    t = crop_mask_targets(gt, torch.tensor([[0.0, 0, 4, 8]]), idx, 2)
+    assert torch.equal(t[0], torch.ones(2, 2))
+    # Box above the image, mask padded to (8, 4): clipped to [0, 0, 4, 4] -> all 1.
+    t = crop_mask_targets(gt, torch.tensor([[0.0, -4, 4, 4]]), idx, 2, pad_size=(8, 4))
+    assert torch.equal(t[0], torch.ones(2, 2))
+    with pytest.raises(ValueError, match="smaller"):
+        crop_mask_targets(gt, torch.tensor([[0.0, 0, 4, 4]]), idx, 2, pad_size=(2, 8))
+
+
 # ----------------------------------------------------------------------------- wiring (Tables 4, 6)
 def _tiny_head(**kw):
     args = dict(num_classes=3, strides=(4, 8), num_proposals=8, dim=32, num_stages=2, num_heads=4, dim_feedforward=64,
