@@ -18,6 +18,8 @@ setup(
         "timm>=0.9",
         "lightning>=2.1",
         "pycocotools>=2.0.7",
+        # clips polygons at a random crop (fvcore's CropTransform.apply_polygons, as Detectron2)
+        "shapely>=2.0",
         "scipy>=1.10",
         "opencv-python-headless>=4.8",
         "numpy>=1.24",

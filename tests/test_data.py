@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from pycocotools import mask as mask_util
+from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
@@ -35,6 +36,7 @@ from instseg.data import (
     get_dataset_dicts,
     load_coco_json,
     make_smoke_dataset,
+    read_image,
     register_coco_instances,
     register_smoke_dataset,
     resolve_num_classes,
@@ -210,6 +212,128 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
 
 
+def _hand_transformed_mask(segm, hw, new_hw, flip=False, crop=None):
+    """Detectron2's polygon path written out by hand: scale the coordinates to ``new_hw``, clip
+    to ``crop = (top, left, height, width)`` with shapely and shift, flip ``x -> W - x``, then
+    rasterize with pycocotools at the final size."""
+    from shapely.geometry import Polygon, box
+
+    (h, w), (nh, nw) = hw, new_hw
+    polys = []
+    for p in segm:
+        q = np.asarray(p, dtype=np.float64).reshape(-1, 2).copy()
+        q[:, 0] = q[:, 0] * (nw * 1.0 / w)
+        q[:, 1] = q[:, 1] * (nh * 1.0 / h)
+        polys.append(q)
+    H, W = nh, nw
+    if crop is not None:
+        top, left, H, W = crop
+        cropped = []
+        for q in polys:
+            inter = Polygon(q).buffer(0.0).intersection(box(left, top, left + W, top + H).buffer(0.0))
+            for g in getattr(inter, "geoms", [inter]):
+                if isinstance(g, Polygon) and not g.is_empty:
+                    c = np.asarray(g.exterior.coords)[:-1].copy()
+                    c[:, 0] -= left
+                    c[:, 1] -= top
+                    cropped.append(c)
+        polys = cropped
+    if flip:
+        for q in polys:
+            q[:, 0] = W - q[:, 0]
+    if not polys:
+        return np.zeros((H, W), dtype=bool)
+    rle = mask_util.merge(mask_util.frPyObjects([q.reshape(-1) for q in polys], H, W))
+    return mask_util.decode(rle).astype(bool)
+
+
+def test_polygons_kernels_follow_detectron2_rules():
+    """Coordinates, not pixel indices: flips are W - x / H - y, resize scales by new/old size,
+    crop clips (a U shape cut below its base splits in two) and shifts; canvas sizes follow."""
+    from torchvision.transforms.v2 import functional as F
+
+    from instseg.data import Polygons
+
+    u = [0, 0, 30, 0, 30, 30, 20, 30, 20, 10, 10, 10, 10, 30, 0, 30]  # a U, opening at y = 30
+    p = Polygons.from_coco([[u], [[1, 1, 3, 1, 3, 3]]], (40, 50))
+    assert p.lengths == ((8,), (3,)) and p.canvas_size == (40, 50) and p.dtype == torch.float64
+    hf, vf = F.horizontal_flip(p), F.vertical_flip(p)
+    assert np.array_equal(hf.to_list()[1][0], [[49, 1], [47, 1], [47, 3]])
+    assert np.array_equal(vf.to_list()[1][0], [[1, 39], [3, 39], [3, 37]])
+    r = F.resize(p, [20, 100])
+    assert r.canvas_size == (20, 100) and np.array_equal(r.to_list()[1][0], [[2, 0.5], [6, 0.5], [6, 1.5]])
+    c = F.crop(p, 15, 0, 25, 50)  # rows 15..40: the two arms of the U, the triangle gone
+    assert c.canvas_size == (25, 50) and [len(inst) for inst in c.to_list()] == [2, 0]
+    masks = c.rasterize()
+    assert masks.shape == (2, 25, 50) and not masks[1].any()
+    assert int(masks[0].sum()) == 2 * 10 * 15  # two 10 x 15 arms
+    assert type(p.clone()) is Polygons and p.clone().lengths == p.lengths
+
+
+class _FixedCrop(RandomCrop):
+    """RandomCrop at a given window (known parameters for the hand-made reference)."""
+
+    def __init__(self, top, left, height, width):
+        super().__init__("absolute", [height, width])
+        self.window = {"top": top, "left": left, "height": height, "width": width}
+
+    def make_params(self, flat_inputs):
+        return dict(self.window)
+
+
+def test_mapper_polygons_transformed_then_rasterized_like_detectron2(coco128):
+    """Polygons follow resize + crop + flip as coordinates and are rasterized at the output size
+    (Detectron2's transform_instance_annotations + polygons_to_bitmask): bit-exact against the
+    hand-transformed polygons; rasterizing first and transforming the mask (the old path, still
+    used for RLEs) differs. Crowd annotations are dropped, instances cropped away too."""
+    d = next(x for x in load_coco_json(str(coco128 / "annotations_tiny8.json"), str(coco128 / "images"))
+             if x["file_name"].endswith("000000000009.jpg"))
+    h, w = d["height"], d["width"]
+    nh, nw = shortest_edge_size(h, w, 320, 1000)  # (320, 427)
+    crop = (120, 150, 180, 250)  # top, left, height, width: cuts 4 instances, removes the 4 small ones
+    aug = v2.Compose([ResizeShortestEdge([320], 1000), _FixedCrop(*crop), v2.RandomHorizontalFlip(p=1.0)])
+    annos = [dict(a) for a in d["annotations"]]
+    n = len(annos)
+    # one more instance, wholly outside the crop window (top-left 20x20 of the original image)
+    annos.append({"bbox": [0, 0, 20, 20], "bbox_mode": "XYWH_ABS", "category_id": 5, "iscrowd": 0,
+                  "segmentation": [[1.0, 1.0, 20.0, 1.0, 20.0, 20.0, 1.0, 20.0]]})
+    annos.append(dict(annos[0], iscrowd=1))  # crowd: left out
+    # the same first instance once more, as an RLE: it keeps the old path
+    rle = mask_util.encode(np.asfortranarray(annotations_to_masks(annos[:1], h, w)[0].astype(np.uint8)))
+    annos.append(dict(annos[0], segmentation={"size": rle["size"], "counts": rle["counts"].decode()}))
+    d = dict(d, annotations=annos)
+
+    out = DatasetMapper(None, is_train=True, augmentation=aug)(d)
+    old = DatasetMapper(None, is_train=True, augmentation=aug, transform_polygons=False)(d)
+    assert tuple(out["image"].shape) == (3, crop[2], crop[3]) and torch.equal(out["image"], old["image"])
+    ins, ins_old = out["instances"], old["instances"]
+    expected = [_hand_transformed_mask(a["segmentation"], (h, w), (nh, nw), flip=True, crop=crop) for a in annos[:n]]
+    kept = [k for k in range(n) if expected[k].any()]
+    assert 0 < len(kept) < n  # the crop removes some of the real instances, keeps others
+    # kept: the real instances left by the crop, then the RLE copy; dropped: the outside one, the crowd
+    assert ins["labels"].tolist() == [annos[k]["category_id"] for k in kept] + [annos[0]["category_id"]]
+    assert ins["masks"].flatten(1).any(1).all() and torch.equal(ins["boxes"], boxes_from_masks(ins["masks"]))
+    for j, k in enumerate(kept):
+        assert np.array_equal(ins["masks"][j].numpy(), expected[k]), f"instance {k}"
+    # the old path (rasterize at the original size, transform the masks with the image) moves
+    # boundary pixels; the mapper's transform_polygons=False is that path
+    img = tv_tensors.Image(torch.from_numpy(read_image(d["file_name"])).permute(2, 0, 1))
+    masks0 = tv_tensors.Mask(torch.from_numpy(annotations_to_masks(annos[:n], h, w)))
+    old_masks = aug({"image": img, "masks": masks0})["masks"].as_subclass(torch.Tensor).bool()
+    assert sum(int((old_masks[k].numpy() != expected[k]).sum()) for k in range(n)) > 0
+    old_kept = [k for k in range(n) if old_masks[k].any()]
+    assert torch.equal(ins_old["masks"][: len(old_kept)], old_masks[old_kept])
+    # the RLE copy is rasterized first and transformed as a mask, in both modes
+    assert torch.equal(ins["masks"][-1], old_masks[0]) and torch.equal(ins_old["masks"][-1], old_masks[0])
+    assert not np.array_equal(ins["masks"][-1].numpy(), expected[0])
+    # a geometric transform without a polygon rule is an error that names the way out
+    rot = v2.Compose([ResizeShortestEdge([320], 1000), v2.RandomRotation(10)])
+    with pytest.raises(TypeError, match="transform_polygons=False"):
+        DatasetMapper(None, is_train=True, augmentation=rot)(d)
+    rotated = DatasetMapper(None, is_train=True, augmentation=rot, transform_polygons=False)(d)
+    assert rotated["instances"]["masks"].shape[1:] == (nh, nw)
+
+
 def test_mapper_flip_resize_alignment_real_images(coco128):
     dicts = load_coco_json(str(coco128 / "annotations_tiny8.json"), str(coco128 / "images"))
     aug = v2.Compose([ResizeShortestEdge([320], 1000), v2.RandomHorizontalFlip(p=1.0)])
@@ -228,13 +352,17 @@ def test_mapper_flip_resize_alignment_real_images(coco128):
         ref = masks_to_boxes(ins["masks"]).float()
         ref[:, 2:] += 1
         assert torch.equal(ins["boxes"], ref)
-        # Independent reference: rasterize the polygons at the original size, resize, flip.
+        # Independent reference (Detectron2's order): scale and flip the polygon coordinates by
+        # hand, rasterize at the new size: bit-exact. The old order (rasterize at the original
+        # size, resize the mask, flip it) is close but not equal.
         orig = annotations_to_masks(d["annotations"], h, w)
         for k in range(n):
-            exp = cv2.resize(orig[k].astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST)[:, ::-1] > 0
+            exp = _hand_transformed_mask(d["annotations"][k]["segmentation"], (h, w), (nh, nw), flip=True)
             got = ins["masks"][k].numpy()
-            assert _iou(got, exp) > 0.95
-            assert _iou(got, exp[:, ::-1]) < _iou(got, exp) or exp.sum() == 0
+            assert np.array_equal(got, exp)
+            old = cv2.resize(orig[k].astype(np.uint8), (nw, nh), interpolation=cv2.INTER_NEAREST)[:, ::-1] > 0
+            assert _iou(got, old) > 0.9
+            assert _iou(got, old[:, ::-1]) < _iou(got, old) or old.sum() == 0
         # The image is flipped too (compared with an independently resized/flipped original).
         rgb = cv2.imread(d["file_name"])[:, :, ::-1]
         exp_img = cv2.resize(rgb, (nw, nh), interpolation=cv2.INTER_AREA)[:, ::-1].astype(np.float32)

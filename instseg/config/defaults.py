@@ -72,8 +72,9 @@ _C.INPUT.MAX_SIZE_TRAIN = 1333
 _C.INPUT.MIN_SIZE_TEST = 800
 _C.INPUT.MAX_SIZE_TEST = 1333
 _C.INPUT.FORMAT = "RGB"
-# Only "bitmask": polygons are rasterized to bitmasks when a dataset dict is loaded (any other
-# value is an error).
+# Only "bitmask": the mapper rasterizes polygons to bitmasks when a dataset dict is loaded, at the
+# augmented size from the transformed polygons (Detectron2's "bitmask" path); any other value is
+# an error.
 _C.INPUT.MASK_FORMAT = "bitmask"
 # "horizontal", "vertical" or "none".
 _C.INPUT.RANDOM_FLIP = "horizontal"

@@ -7,8 +7,8 @@ Importing this package registers the built-in names (cheap, nothing is read or g
 - ``smoke_shapes_train`` / ``smoke_shapes_val``: the synthetic smoke-test dataset, generated
   under ``$INSTSEG_DATASETS/smoke_shapes`` on first use.
 
-Modules: ``catalog`` (registries), ``coco`` (COCO json), ``smoke`` (synthetic set), ``mapper``
-and ``transforms`` (one dict -> model input), ``dataset`` (dataset dicts, :class:`MapDataset`),
+Modules: ``catalog`` (registries), ``coco`` (COCO json), ``smoke`` (synthetic set), ``mapper``,
+``transforms`` and ``polygons`` (one dict -> model input), ``dataset`` (dataset dicts, :class:`MapDataset`),
 ``samplers``, ``build`` (the loaders), ``classes`` (``MODEL.NUM_CLASSES`` resolution).
 
 See ``datasets/README.md`` for the layout and for custom COCO-format data.
@@ -26,6 +26,7 @@ from .coco import (
 )
 from .dataset import MapDataset, get_dataset_dicts
 from .mapper import DatasetMapper, ImageDecodeError, annotations_to_masks, read_image
+from .polygons import Polygons, polygons_to_bitmask
 from .samplers import GroupedBatchSampler, InferenceSampler, InfiniteBatchSampler, TrainingSampler
 from .smoke import SMOKE_CLASSES, ensure_smoke_dataset, make_smoke_dataset, register_smoke_dataset
 from .transforms import RandomCrop, ResizeShortestEdge, boxes_from_masks, build_augmentation
@@ -44,6 +45,8 @@ __all__ = [
     "ImageDecodeError",
     "read_image",
     "annotations_to_masks",
+    "Polygons",
+    "polygons_to_bitmask",
     "ResizeShortestEdge",
     "RandomCrop",
     "build_augmentation",

@@ -1,8 +1,18 @@
 """DatasetMapper: dataset dict -> model input dict (docs/architecture.md, "Data contract").
 
-Reads the image (RGB), rasterizes the instance polygons / RLEs at the original size with
-pycocotools, applies the torchvision v2 augmentation pipeline of :mod:`instseg.data.transforms`
-to image and masks together, and recomputes boxes from the transformed masks.
+Reads the image (RGB), applies the torchvision v2 augmentation pipeline of
+:mod:`instseg.data.transforms` to the image and the instance segmentations in one call (same random
+parameters), and recomputes boxes from the transformed masks. As in Detectron2
+(``detection_utils.transform_instance_annotations`` + ``annotations_to_instances``, used by the
+official SparseInst and FastInst mappers):
+
+- **polygons** are transformed as coordinates (:class:`instseg.data.polygons.Polygons`: resize
+  scale, flip ``W - x``, crop clipping with shapely) and rasterized with pycocotools at the
+  augmented size;
+- **RLEs** are rasterized at the original size and the masks transformed with the image
+  (nearest-neighbour resize, flip, crop).
+
+Rasterizing polygons first and resizing the mask instead moves boundary pixels.
 """
 from __future__ import annotations
 
@@ -15,6 +25,7 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
+from .polygons import Polygons
 from .transforms import boxes_from_masks, build_augmentation
 
 __all__ = ["DatasetMapper", "ImageDecodeError", "read_image", "annotations_to_masks"]
@@ -92,7 +103,13 @@ class DatasetMapper:
         is_train: training (random augmentation, ``"instances"`` returned) or test mode
             (deterministic resize, no instances).
         augmentation: a transform on ``{"image": tv_tensors.Image, "masks": tv_tensors.Mask}``
-            replacing the one built from ``cfg`` (e.g. for tests or custom pipelines).
+            (training: plus ``"polygons"``, a :class:`~instseg.data.polygons.Polygons`, when the
+            image has polygon annotations) replacing the one built from ``cfg`` (e.g. for tests
+            or custom pipelines).
+        transform_polygons: training only: transform polygon annotations as coordinates and
+            rasterize them at the augmented size (Detectron2's way, the default). ``False``
+            rasterizes them at the original size and transforms the masks, as RLEs are; needed
+            for an ``augmentation`` with geometric transforms other than resize, crop and flips.
 
     ``mapper(dataset_dict)`` returns (the dataset dict is not modified)::
 
@@ -106,15 +123,18 @@ class DatasetMapper:
          }}
 
     Crowd annotations (``iscrowd=1``) are left out; instances whose mask is empty after the
-    augmentation (e.g. cropped away) are dropped.
+    augmentation (e.g. cropped away) are dropped. ``"instances"`` keep the annotations' order.
 
     Raises (on call):
         FileNotFoundError: the image file does not exist (named in the message).
         ImageDecodeError: (a ``ValueError``) the image cannot be decoded (named in the message).
         ValueError: the decoded image size differs from the dict's ``height``/``width``.
+        RuntimeError: the polygons did not follow the augmentation to the image's output size.
     """
 
-    def __init__(self, cfg=None, is_train: bool = True, augmentation: Optional[Any] = None) -> None:
+    def __init__(
+        self, cfg=None, is_train: bool = True, augmentation: Optional[Any] = None, transform_polygons: bool = True
+    ) -> None:
         if augmentation is None:
             if cfg is None:
                 raise ValueError("DatasetMapper needs a cfg or an augmentation")
@@ -130,13 +150,17 @@ class DatasetMapper:
             if mask_format != "bitmask":
                 raise ValueError(
                     f"INPUT.MASK_FORMAT={cfg.INPUT.MASK_FORMAT!r}: only 'bitmask' is supported "
-                    "(polygon masks are rasterized to bitmasks at load time)"
+                    "(polygon masks are rasterized to bitmasks at load time, after the augmentation)"
                 )
         self.is_train = is_train
         self.augmentation = augmentation
+        self.transform_polygons = bool(transform_polygons)
 
     def __repr__(self) -> str:
-        return f"DatasetMapper(is_train={self.is_train}, augmentation={self.augmentation})"
+        return (
+            f"DatasetMapper(is_train={self.is_train}, augmentation={self.augmentation}, "
+            f"transform_polygons={self.transform_polygons})"
+        )
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
         file_name = dataset_dict["file_name"]
@@ -162,11 +186,33 @@ class DatasetMapper:
             return out
 
         annos = [a for a in dataset_dict.get("annotations", []) if not a.get("iscrowd", 0)]
-        masks = torch.from_numpy(annotations_to_masks(annos, h, w))
         labels = torch.tensor([int(a["category_id"]) for a in annos], dtype=torch.int64)
-        sample = self.augmentation({"image": img_t, "masks": tv_tensors.Mask(masks)})
+        # polygons follow the augmentation as coordinates; RLEs (and everything when
+        # transform_polygons is off) as masks rasterized at the original size
+        poly_idx = [i for i, a in enumerate(annos) if self.transform_polygons and isinstance(a.get("segmentation"), list)]
+        poly_set = set(poly_idx)
+        mask_idx = [i for i in range(len(annos)) if i not in poly_set]
+        inputs: Dict[str, Any] = {
+            "image": img_t,
+            "masks": tv_tensors.Mask(torch.from_numpy(annotations_to_masks([annos[i] for i in mask_idx], h, w))),
+        }
+        if poly_idx:
+            inputs["polygons"] = Polygons.from_coco([annos[i]["segmentation"] for i in poly_idx], (h, w))
+        sample = self.augmentation(inputs)
         image_out = sample["image"].as_subclass(torch.Tensor).contiguous()
-        masks_out = sample["masks"].as_subclass(torch.Tensor).to(torch.bool)
+        out_h, out_w = image_out.shape[-2:]
+        masks_out = torch.zeros((len(annos), out_h, out_w), dtype=torch.bool)
+        if mask_idx:
+            masks_out[mask_idx] = sample["masks"].as_subclass(torch.Tensor).to(torch.bool)
+        if poly_idx:
+            polygons = sample["polygons"]
+            if not isinstance(polygons, Polygons) or tuple(polygons.canvas_size) != (out_h, out_w):
+                raise RuntimeError(
+                    f"{file_name}: the polygons did not follow the augmentation (canvas "
+                    f"{getattr(polygons, 'canvas_size', None)}, image {(out_h, out_w)}); build the "
+                    "DatasetMapper with transform_polygons=False for this augmentation"
+                )
+            masks_out[poly_idx] = polygons.rasterize()
         keep = masks_out.flatten(1).any(dim=1)  # drop instances emptied by a crop
         masks_out = masks_out[keep].contiguous()
         labels = labels[keep]
