@@ -12,9 +12,9 @@ Details from the official code (docs/queryinst.md; hustvl/QueryInst ``dii_head.p
 ``MultiheadAttention``/``FFN``): 8-head self-attention with a residual connection and LayerNorm;
 ``q + DynConv(q*)`` then LayerNorm; FFN 256 -> 2048 -> 256 with a residual and LayerNorm; one
 class FC (Linear without bias + LN + ReLU) and three regression FCs before the class/delta
-outputs; Xavier-uniform init of every weight matrix, class bias at prior 0.01. Deltas are decoded
-with mmdetection's ``DeltaXYWHBBoxCoder`` (means 0, stds (0.5, 0.5, 1, 1), width/height log-ratio
-clamped at log(1000/16); ``clip_border=False`` in the official configs).
+outputs; Xavier-uniform init of every weight matrix, class bias at prior 0.01, regression bias 0.
+Deltas are decoded with mmdetection's ``DeltaXYWHBBoxCoder`` (means 0, stds (0.5, 0.5, 1, 1),
+width/height log-ratio clamped at log(1000/16); ``clip_border=False`` in the official configs).
 """
 from __future__ import annotations
 
@@ -170,11 +170,16 @@ class DIIHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform on every weight matrix, class bias ``-log((1 - p) / p)`` (official)."""
+        """Official ``DIIHead.init_weights``: Xavier-uniform on every weight matrix, class bias
+        ``-log((1 - p) / p)``, regression bias 0. The zero comes from ``BBoxHead``'s ``init_cfg``
+        ``Normal(std=0.001, override fc_reg)`` (mmengine/mmcv ``NormalInit``: bias 0), which
+        ``DIIHead.init_weights`` runs first (``super().init_weights()``) before the Xavier pass
+        re-draws the weight; the other biases and the LayerNorms keep PyTorch's defaults."""
         for p in self.parameters():
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
         nn.init.constant_(self.fc_cls.bias, -math.log((1 - self.prior_prob) / self.prior_prob))
+        nn.init.zeros_(self.fc_reg.bias)
 
     def forward(self, roi_feats: torch.Tensor, queries: torch.Tensor) -> Dict[str, torch.Tensor]:
         b, n, c = queries.shape

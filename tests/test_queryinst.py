@@ -311,6 +311,19 @@ def test_mask_information_flow_switch_table4():
     assert not torch.allclose(dyn(x, torch.randn(2, 8))[0], dyn(x, torch.randn(2, 8))[0])
 
 
+# ----------------------------------------------------------------------------- initialization
+def test_box_head_init_as_mmdetection():
+    """DIIHead.init_weights: BBoxHead's init_cfg first (Normal std 0.001 on fc_reg, bias 0), then
+    Xavier-uniform on every matrix and the class bias at prior 0.01: fc_reg.bias is 0."""
+    torch.manual_seed(0)
+    h = DIIHead(80)
+    assert torch.equal(h.fc_reg.bias, torch.zeros(4))
+    assert torch.allclose(h.fc_cls.bias, torch.full((80,), -math.log(99.0)))
+    bound = math.sqrt(6.0 / (256 + 4))  # Xavier-uniform bound of the (4, 256) fc_reg weight
+    assert h.fc_reg.weight.abs().max() <= bound and h.fc_reg.weight.std() > 0.5 * bound / math.sqrt(3)
+    assert torch.equal(h.ffn_norm.weight, torch.ones(256)) and torch.equal(h.ffn_norm.bias, torch.zeros(256))
+
+
 # ----------------------------------------------------------------------------- full model
 def test_parameter_count_matches_the_official_module_definitions():
     """Per-module counts from the official definitions (mmcv/mmdetection DynamicConv, DIIHead,
