@@ -9,7 +9,8 @@ Paper Eq. (3):
 Official details (docs/queryinst.md; hustvl/QueryInst ``dynamic_mask_head.py``): ``DynConv`` without
 projection, its ``196 x 256`` output reshaped to ``256 x 14 x 14``; convs 3x3 256 with BN (no bias)
 and ReLU; ``ConvTranspose2d(256, 256, 2, stride 2)`` + ReLU to 28x28; 1x1 conv to K class-specific
-mask logits; Xavier-uniform weights, zero bias on the logits.
+mask logits. Init: the convs as mmcv's ``ConvModule`` (Kaiming-normal fan_out), everything else
+PyTorch's default (see :meth:`DynamicMaskHead.reset_parameters`).
 
 Ablation switches (poster Table 4):
 - ``use_dynamic_conv=False`` is the "vanilla mask head" of Fig. 2(b) (Sparse R-CNN + a Cascade
@@ -83,11 +84,24 @@ class DynamicMaskHead(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Xavier-uniform on every weight with more than one dimension, zero bias on the logits."""
-        for p in self.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
-        nn.init.zeros_(self.predictor.bias)
+        """The init both official versions end up with (docs/queryinst.md, "Initialization"):
+        each 3x3 conv as mmcv's ``ConvModule`` initializes itself when built (Kaiming-normal,
+        ``fan_out``, ReLU gain; bias 0 when there is one; its norm 1 / 0); ``DynConv^mask``, the
+        deconv and the logits conv keep PyTorch's default init.
+
+        ``DynamicMaskHead.init_weights`` (Xavier on every matrix, zero logits bias) is never run
+        officially: the mask heads sit in a plain ``nn.ModuleList`` (``CascadeRoIHead.init_mask_head``
+        in mmdetection 2.x, which hustvl/QueryInst is built on, and in 3.x) and mmcv's / mmengine's
+        ``BaseModule.init_weights`` only recurses into children that have an ``init_weights``.
+        """
+        for m in self.convs:
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(
         self,

@@ -324,6 +324,25 @@ def test_box_head_init_as_mmdetection():
     assert torch.equal(h.ffn_norm.weight, torch.ones(256)) and torch.equal(h.ffn_norm.bias, torch.zeros(256))
 
 
+def test_mask_head_init_as_the_official_code_ends_up():
+    """Officially DynamicMaskHead.init_weights (Xavier) is never reached (the mask heads are in a
+    plain nn.ModuleList): the convs keep ConvModule's own init (Kaiming-normal fan_out, norm 1/0),
+    the rest PyTorch's defaults (uniform within 1/sqrt(fan_in), non-zero biases)."""
+    torch.manual_seed(0)
+    h = DynamicMaskHead(80)
+    conv = h.convs[0]
+    assert conv.bias is None and isinstance(h.convs[1], torch.nn.BatchNorm2d)
+    assert abs(float(conv.weight.std()) - math.sqrt(2.0 / (256 * 9))) < 0.002  # fan_out = 256 x 3 x 3
+    assert torch.equal(h.convs[1].weight, torch.ones(256)) and torch.equal(h.convs[1].bias, torch.zeros(256))
+    for lin, fan_in in ((h.predictor, 256), (h.deconv, 256 * 4), (h.dynconv.dynamic_layer, 256)):
+        bound = 1.0 / math.sqrt(fan_in)
+        assert float(lin.weight.abs().max()) <= bound and float(lin.bias.abs().max()) <= bound
+        assert float(lin.bias.abs().max()) > 0.5 * bound  # PyTorch's default bias, not zero
+    # without a norm the convs have a bias, zero as ConvModule's kaiming_init sets it
+    h = DynamicMaskHead(3, dim=16, dynamic_dim=4, pooler_resolution=4, num_convs=2, conv_dim=16, norm="")
+    assert torch.equal(h.convs[0].bias, torch.zeros(16))
+
+
 # ----------------------------------------------------------------------------- full model
 def test_parameter_count_matches_the_official_module_definitions():
     """Per-module counts from the official definitions (mmcv/mmdetection DynamicConv, DIIHead,
