@@ -309,3 +309,68 @@ def test_pretrained_uses_library_weights(monkeypatch):
     monkeypatch.setattr(torchvision.models, "resnet50", fake)
     ResNetBackbone(depth=50, pretrained=True)
     assert seen["weights"] == "IMAGENET1K_V1"
+
+
+# ------------------------------------------------------------------------------- zero-init residual
+def _last_norm_scales(b):
+    return [blk.bn3.weight for layer in ("layer1", "layer2", "layer3", "layer4") for blk in getattr(b.body, layer)]
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "vd"])
+def test_zero_init_residual_default_off_is_detectron2(variant):
+    """Default (Detectron2, SparseInst / FastInst official): every norm scale starts at 1, for timm's
+    ResNet-D too (its own zero_init_last is turned off)."""
+    b = ResNetBackbone(norm="BN", out_features=ALL, variant=variant)
+    scales = _last_norm_scales(b)
+    assert len(scales) == 16 and all(torch.equal(w, torch.ones_like(w)) for w in scales)
+
+
+@pytest.mark.parametrize("variant", ["torchvision", "vd"])
+@pytest.mark.parametrize("norm", ["BN", "GN"])
+def test_zero_init_residual_zeroes_every_bottleneck_last_norm(variant, norm):
+    """mmdetection's ResNet(zero_init_residual=True): Constant(val=0) on norm3 of every Bottleneck,
+    so from random weights each block starts as ReLU(shortcut)."""
+    b = ResNetBackbone(norm=norm, out_features=ALL, variant=variant, zero_init_residual=True)
+    scales = _last_norm_scales(b)
+    assert len(scales) == 16 and all(torch.equal(w, torch.zeros_like(w)) for w in scales)
+    others = [m.weight for m in b.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    assert sum(bool((w == 1).all()) for w in others) == len(others) - 16  # bn1, bn2, shortcuts, stem
+    b.eval()
+    blk = b.body.layer2[0]  # a block with a projection shortcut
+    x = torch.randn(1, 256, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(blk(x), torch.relu(blk.downsample(x)))
+
+
+def test_zero_init_residual_leaves_frozenbn_and_pretrained_weights_alone(monkeypatch):
+    b = ResNetBackbone(norm="FrozenBN", out_features=ALL, zero_init_residual=True)
+    assert all(torch.equal(w, torch.ones_like(w)) for w in _last_norm_scales(b))
+    # pretrained: the library's weights are kept as they are
+    real = torchvision.models.resnet50
+
+    def fake(weights=None, **kw):
+        m = real(weights=None, **kw)
+        with torch.no_grad():
+            for layer in (m.layer1, m.layer2, m.layer3, m.layer4):
+                for blk in layer:
+                    blk.bn3.weight.fill_(0.5)
+        return m
+
+    monkeypatch.setattr(torchvision.models, "resnet50", fake)
+    b = ResNetBackbone(norm="BN", out_features=ALL, pretrained=True, zero_init_residual=True)
+    assert all(torch.equal(w, torch.full_like(w, 0.5)) for w in _last_norm_scales(b))
+
+
+def test_zero_init_residual_config_key_and_frozen_stages():
+    cfg = get_cfg()
+    assert cfg.MODEL.RESNETS.ZERO_INIT_RESIDUAL is False
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+    cfg.MODEL.RESNETS.OUT_FEATURES = ALL
+    cfg.MODEL.RESNETS.NORM = "BN"
+    cfg.MODEL.RESNETS.ZERO_INIT_RESIDUAL = True
+    cfg.MODEL.BACKBONE.FREEZE_AT = 2
+    b = build_backbone(cfg)
+    assert b.zero_init_residual
+    # as in mmdetection (zeroed, then frozen_stages frozen): the frozen res2 keeps its zero scales
+    assert isinstance(b.body.layer1[0].bn3, FrozenBatchNorm2d)
+    assert all(torch.equal(w, torch.zeros_like(w)) for w in _last_norm_scales(b))

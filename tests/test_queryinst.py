@@ -366,6 +366,13 @@ def test_parameter_count_matches_the_official_module_definitions():
     # with BN everywhere (nothing frozen into FrozenBN) the counts are equal, 172,688,808.
     bn_model = build_model(setup_cfg(CFG, ["MODEL.NUM_CLASSES", "80", "MODEL.RESNETS.NORM", "BN", "MODEL.BACKBONE.FREEZE_AT", "0"]))
     assert _n(bn_model) == _n(model) + 2 * 26_560 == 172_688_808
+    # mmdetection's ResNet default zero_init_residual=True (not overridden by the QueryInst config):
+    # from random weights with BN, every bottleneck's bn3 scale starts at 0; FrozenBN keeps 1
+    assert cfg.MODEL.RESNETS.ZERO_INIT_RESIDUAL
+    body, fbody = bn_model.backbone.bottom_up.body, model.backbone.bottom_up.body
+    assert not bn_model.backbone.bottom_up.body.layer3[5].bn3.weight.any()
+    assert all(not blk.bn3.weight.any() for layer in (body.layer1, body.layer4) for blk in layer)
+    assert bool((fbody.layer1[0].bn3.weight == 1).all())
 
 
 def test_parameter_count_matches_mmdetection_per_module():

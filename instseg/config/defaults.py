@@ -44,6 +44,10 @@ _C.MODEL.RESNETS.DEFORM_ON_PER_STAGE = [False, False, False, False]
 # True: DCNv2 (offsets + modulation mask, 27 channels); False: offsets only (18 channels).
 _C.MODEL.RESNETS.DEFORM_MODULATED = True
 _C.MODEL.RESNETS.DEFORM_NUM_GROUPS = 1
+# From random weights, start the scale of every bottleneck's last norm (bn3) at 0, so each residual
+# branch starts as the identity: mmdetection's ResNet default (QueryInst). BN / SyncBN / GN only
+# (FrozenBN keeps 1); no effect with pretrained weights. False = Detectron2 (SparseInst, FastInst).
+_C.MODEL.RESNETS.ZERO_INIT_RESIDUAL = False
 
 # MobileNetV2 backbone (FASSST).
 _C.MODEL.MOBILENET = CN()

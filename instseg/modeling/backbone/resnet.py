@@ -14,6 +14,16 @@ Deformable convs (``DEFORM_ON_PER_STAGE``): each bottleneck's ``conv2`` of a cho
 :class:`DeformConv` that owns its offset conv (``conv2.weight``, ``conv2.offset.weight/bias``).
 The official R50-vd-DCN (SparseInst / FastInst) is unmodulated, 18 offset channels, on res4 and
 res5: 23,971,842 backbone parameters with FrozenBN (``tests/refs/README.md``, docs/sparseinst.md).
+
+Zero-init residual (``MODEL.RESNETS.ZERO_INIT_RESIDUAL``, default False = Detectron2, as the
+official SparseInst / FastInst): from random weights, the scale of the last norm of every
+bottleneck (``bn3``) starts at 0, so each residual branch starts as the identity (mmdetection's
+``ResNet(zero_init_residual=True)`` default, which QueryInst's config keeps). It acts on trainable
+norms only (BN / SyncBN / GN); FrozenBN is meant for pretrained weights, whose values replace
+every scale anyway, and a frozen 0 would switch the branches off for good. With pretrained
+weights (``PRETRAINED`` or a checkpoint loaded afterwards) the option changes nothing. The
+library's own zero-init (timm's ``zero_init_last``, on by default) is turned off so that the
+option alone decides, for both variants.
 """
 from __future__ import annotations
 
@@ -35,6 +45,7 @@ __all__ = [
     "build_resnet_backbone",
     "build_resnet_vd_backbone",
     "freeze_modules",
+    "zero_init_residual_norms",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,7 +107,8 @@ def _create_body(depth: int, variant: str, pretrained: bool) -> nn.Module:
 
         name = f"resnet{depth}d"
         try:
-            model = timm.create_model(name, pretrained=pretrained)
+            # zero_init_last=False: MODEL.RESNETS.ZERO_INIT_RESIDUAL decides (see the module docstring)
+            model = timm.create_model(name, pretrained=pretrained, zero_init_last=False)
         except Exception as e:
             if not pretrained:
                 raise
@@ -107,6 +119,20 @@ def _create_body(depth: int, variant: str, pretrained: bool) -> nn.Module:
         del model.fc
         del model.global_pool
     return model
+
+
+def zero_init_residual_norms(body: nn.Module) -> int:
+    """Set to 0 the scale of the last norm (``bn3``) of every bottleneck of ``body`` whose norm is
+    trainable (BN / SyncBN / GN; FrozenBN is left alone). Returns how many were set."""
+    n = 0
+    with torch.no_grad():
+        for layer_name in _STAGE_TO_LAYER.values():
+            for block in getattr(body, layer_name, ()):
+                norm = getattr(block, "bn3", None)
+                if isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and norm.weight is not None:
+                    norm.weight.zero_()
+                    n += 1
+    return n
 
 
 class ResNetBackbone(Backbone):
@@ -127,6 +153,9 @@ class ResNetBackbone(Backbone):
         pretrained: load ImageNet weights through torchvision / timm (network on first use).
         variant: ``"torchvision"`` (7x7 stem, strided 1x1 shortcut) or ``"vd"`` (timm ResNet-D:
             3-conv 32-32-64 stem, average-pool shortcut).
+        zero_init_residual: from random weights (``pretrained`` False), start the scale of each
+            bottleneck's last norm at 0 (mmdetection's default); BN / SyncBN / GN only, see the
+            module docstring. False (default): every norm scale starts at 1 (Detectron2).
 
     Forward: ``(B, 3, H, W)`` float (normalized) -> ``{name: (B, C, ceil(H/s), ceil(W/s))}`` for
     each requested name, with ``C, s`` from :meth:`output_shape`.
@@ -147,6 +176,7 @@ class ResNetBackbone(Backbone):
         deform_num_groups: int = 1,
         pretrained: bool = False,
         variant: str = "torchvision",
+        zero_init_residual: bool = False,
     ):
         super().__init__()
         out_features = list(out_features)
@@ -164,6 +194,7 @@ class ResNetBackbone(Backbone):
             raise ValueError(f"deform_on_per_stage needs 4 booleans [res2..res5], got {deform_on_per_stage}")
 
         self.depth, self.norm, self.variant = depth, norm, variant
+        self.zero_init_residual = bool(zero_init_residual)
         self.freeze_at = int(freeze_at)
         self._out_features = [f for f in RESNET_STAGES if f in out_features]  # network order
 
@@ -174,6 +205,8 @@ class ResNetBackbone(Backbone):
             delattr(body, _STAGE_TO_LAYER[stage])
 
         body = convert_norm(body, norm)
+        if self.zero_init_residual and not pretrained:
+            zero_init_residual_norms(body)
         for stage, on in zip(RESNET_STAGES, deform_on_per_stage):
             layer_name = _STAGE_TO_LAYER[stage]
             if on and hasattr(body, layer_name):
@@ -211,7 +244,8 @@ class ResNetBackbone(Backbone):
     # ------------------------------------------------------------------ API
     @classmethod
     def from_config(cls, cfg, variant: str = "torchvision", out_features: Optional[Sequence[str]] = None) -> "ResNetBackbone":
-        """Build from ``MODEL.RESNETS.*`` and ``MODEL.BACKBONE.{FREEZE_AT, PRETRAINED}``.
+        """Build from ``MODEL.RESNETS.*`` (``ZERO_INIT_RESIDUAL`` included) and
+        ``MODEL.BACKBONE.{FREEZE_AT, PRETRAINED}``.
 
         ``out_features`` overrides ``MODEL.RESNETS.OUT_FEATURES`` (the FPN builder uses its own).
         """
@@ -226,6 +260,7 @@ class ResNetBackbone(Backbone):
             deform_num_groups=r.DEFORM_NUM_GROUPS,
             pretrained=cfg.MODEL.BACKBONE.PRETRAINED,
             variant=variant,
+            zero_init_residual=r.ZERO_INIT_RESIDUAL,
         )
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
