@@ -68,7 +68,7 @@ def add_queryinst_config(cfg) -> None:
     q.LOSS.MASK_WEIGHT = 8.0  # dice on the GT-class channel, 28x28
     q.LOSS.FOCAL_ALPHA = 0.25
     q.LOSS.FOCAL_GAMMA = 2.0
-    q.LOSS.DICE_EPS = 1e-5
+    q.LOSS.DICE_EPS = 1e-5  # mmdetection DiceLoss eps: added to sum(p^2) and to sum(t^2)
     q.LOSS.STAGE_WEIGHTS = []  # empty = 1.0 for every stage
 
     # Hungarian matching costs (mmdetection HungarianAssigner).

@@ -9,7 +9,8 @@ Per stage ``t`` (weight 1 each), after Hungarian matching of the stage's own pre
 - ``loss_bbox``: L1 between matched xyxy boxes divided by the image ``(w, h, w, h)``, summed /
   ``num_pos``; weight 5.0.
 - ``loss_giou``: ``1 - GIoU`` of matched pixel boxes, summed / ``num_pos``; weight 2.0.
-- ``loss_mask``: dice (squared denominator, eps 1e-5) between the sigmoid of the GT-class channel
+- ``loss_mask``: dice ``1 - 2 sum(pt) / ((sum(p^2) + eps) + (sum(t^2) + eps))`` (eps 1e-5 added to each
+  sum, mmdetection's ``dice_loss`` with ``naive_dice=False``) between the sigmoid of the GT-class channel
   of the 28x28 mask logits of each matched query and its target, summed / ``num_pos``; weight 8.0.
   The mask RoI is the stage's refined box ``b_t`` (detached); the target is the GT mask, zero-padded
   to the padded batch size, cropped and resized to that box *clipped to the padded mask* by
@@ -92,7 +93,8 @@ class QueryInstCriterion(nn.Module):
         matcher: the box set matcher.
         class_weight, l1_weight, giou_weight, mask_weight: 2.0, 5.0, 2.0, 8.0.
         focal_alpha, focal_gamma: 0.25, 2.0.
-        dice_eps: added to the dice denominator (1e-5).
+        dice_eps: mmdetection's ``DiceLoss`` eps (1e-5), added to each of the two sums of the
+            denominator (so ``2 * dice_eps`` in all).
         mask_size: side of the mask targets (28 = 2 x the 14x14 mask RoI).
         stage_weights: one weight per stage (all 1.0 officially); empty = 1.0 for every stage.
 
@@ -180,7 +182,8 @@ class QueryInstCriterion(nn.Module):
         if mask_logits.shape[0] == 0:
             return mask_logits.sum() * 0.0
         pred = mask_logits[torch.arange(mask_logits.shape[0], device=mask_logits.device), labels]
-        return dice_loss(pred.flatten(1), mask_targets.flatten(1), squared=True, eps_den=self.dice_eps, reduction="sum") / num_pos
+        # mmdetection: (sum(p^2) + eps) + (sum(t^2) + eps), the eps once on each sum
+        return dice_loss(pred.flatten(1), mask_targets.flatten(1), squared=True, eps_den=2 * self.dice_eps, reduction="sum") / num_pos
 
     def forward(
         self,

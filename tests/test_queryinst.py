@@ -18,6 +18,7 @@ from queryinst import (
     DIIHead,
     DynamicMaskHead,
     DynConv,
+    QueryInstCriterion,
     QueryRoIHead,
     assign_fpn_levels,
     crop_mask_targets,
@@ -227,6 +228,18 @@ def test_mask_targets_clip_the_box_to_the_padded_mask_hand_checked():
     assert torch.equal(t[0], torch.ones(2, 2))
     with pytest.raises(ValueError, match="smaller"):
         crop_mask_targets(gt, torch.tensor([[0.0, 0, 4, 4]]), idx, 2, pad_size=(2, 8))
+
+
+def test_dice_eps_on_both_sums_as_mmdetection():
+    """mmdetection dice_loss (naive_dice=False): 1 - 2 sum(pt) / ((sum(p^2) + eps) + (sum(t^2) + eps)).
+    One pixel, logit 0 (p = 0.5), target 1, eps 0.5 (large so that it shows):
+    1 - 2 * 0.5 / ((0.25 + 0.5) + (1 + 0.5)) = 1 - 1 / 2.25 = 5 / 9 (eps once would give 3 / 7)."""
+    crit = QueryInstCriterion(2, BoxSetMatcher(), dice_eps=0.5)
+    loss = crit.mask_loss(torch.zeros(1, 2, 1, 1), torch.tensor([1]), torch.ones(1, 1, 1), 1.0)
+    assert float(loss) == pytest.approx(5 / 9, abs=1e-7)
+    # summed over matched queries, divided by num_pos
+    loss = crit.mask_loss(torch.zeros(2, 2, 1, 1), torch.tensor([1, 0]), torch.ones(2, 1, 1), 4.0)
+    assert float(loss) == pytest.approx(2 * (5 / 9) / 4, abs=1e-7)
 
 
 # ----------------------------------------------------------------------------- wiring (Tables 4, 6)
