@@ -22,8 +22,11 @@ official (timm ResNet-D, ``-vd`` configs)   ours
 ==========================================  ==================================================
 
 ``num_batches_tracked`` and classifier (``fc``) entries are dropped. Non-backbone keys go through a
-per-model table of ``(official prefix, our prefix)`` pairs, a :class:`ModelKeyTable` that the model
-package registers with :func:`register_key_table` when it is imported (e.g. ``sparseinst/convert.py``);
+per-model table of ``(official prefix, our prefix)`` pairs (and, for layouts whose indices differ,
+``(regex, replacement)`` patterns), a :class:`ModelKeyTable` that the model package registers with
+:func:`register_key_table` when it is imported (e.g. ``sparseinst/convert.py``); the table also says
+where the library ResNet sits in the model (``backbone.body.``, or ``backbone.bottom_up.body.``
+under an FPN, ``queryinst/convert.py``);
 :func:`model_key_tables` loads the installed model packages (:mod:`instseg.discovery`) and returns
 them all. The core holds no model's table.
 """
@@ -98,10 +101,18 @@ class ModelKeyTable:
 
     ``prefixes``: ``(official prefix, our prefix)`` pairs, first match wins (longest first if they
     overlap). ``drop``: official prefixes that have no counterpart (loss buffers, ...).
+    ``patterns``: ``(regex, replacement)`` pairs tried before ``prefixes``, first match wins: the
+    regex is matched at the start of the key (:func:`re.match`), the matched part is replaced by
+    ``match.expand(replacement)`` (``\\1`` = group 1) and the rest of the key is kept; for
+    official layouts whose module indices or nesting differ from ours (mmdetection's).
+    ``backbone_prefix``: where our library ResNet sits in the model, the target of the
+    ``backbone.*`` keys (:data:`BACKBONE_KEY_RULES`).
     """
 
     prefixes: Tuple[Tuple[str, str], ...]
     drop: Tuple[str, ...] = ()
+    patterns: Tuple[Tuple[str, str], ...] = ()
+    backbone_prefix: str = "backbone.body."
 
 
 #: The registry: model name (lower case, the ``--model`` of ``instseg-convert``) -> its table, as
@@ -143,7 +154,8 @@ def model_key_tables() -> Dict[str, ModelKeyTable]:
     discover_models()
     return dict(MODEL_KEY_TABLES)
 
-#: Our backbone's prefix in every model (``model.backbone.body`` holds the library ResNet).
+#: Our backbone's prefix in a model whose ``backbone`` is the ResNet itself (``model.backbone.body``
+#: holds the library ResNet); the default :attr:`ModelKeyTable.backbone_prefix`.
 OUR_BACKBONE_PREFIX = "backbone.body."
 
 
@@ -214,7 +226,12 @@ def convert_with_report(
             report.dropped.append(key)
             continue
         new_key: Optional[str] = None
-        if key.startswith("backbone."):
+        for pattern, repl in table.patterns:
+            m = re.match(pattern, key)
+            if m:
+                new_key = m.expand(repl) + key[m.end() :]
+                break
+        if new_key is None and key.startswith("backbone."):
             try:
                 rel = convert_backbone_key(key[len("backbone.") :])
             except KeyError:
@@ -223,8 +240,8 @@ def convert_with_report(
                 report.dropped.append(key)
                 continue
             if rel != "<unmatched>":
-                new_key = OUR_BACKBONE_PREFIX + rel
-        else:
+                new_key = table.backbone_prefix + rel
+        elif new_key is None:
             for official, ours in table.prefixes:
                 if key.startswith(official):
                     new_key = ours + key[len(official) :]
@@ -239,7 +256,7 @@ def convert_with_report(
                     report.dropped.append(key)
                     continue
                 if rel != "<unmatched>":
-                    new_key = OUR_BACKBONE_PREFIX + rel
+                    new_key = table.backbone_prefix + rel
         if new_key is None:
             report.unmatched.append(key)
             new_key = key

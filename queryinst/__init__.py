@@ -1,7 +1,9 @@
 """QueryInst (ICCV 2021, "Instances as Queries") on the shared instseg core. Importing registers
-the meta-architecture ``QueryInst`` and the ``MODEL.QUERY_INST`` config keys."""
+the meta-architecture ``QueryInst``, the ``MODEL.QUERY_INST`` config keys and the mmdetection
+checkpoint key table (``instseg-convert --model queryinst``)."""
 from .box_head import DIIHead, QueryMSA, decode_box_deltas, encode_box_deltas
 from .config import add_queryinst_config
+from .convert import QUERYINST_KEY_TABLE  # registers the official-checkpoint key table
 from .criterion import QueryInstCriterion, crop_mask_targets
 from .dynamic_conv import DynConv
 from .mask_head import DynamicMaskHead
@@ -13,6 +15,7 @@ __all__ = [
     "DIIHead",
     "DynConv",
     "DynamicMaskHead",
+    "QUERYINST_KEY_TABLE",
     "QueryInst",
     "QueryInstCriterion",
     "QueryMSA",

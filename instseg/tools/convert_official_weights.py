@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     torch.save({"model": converted, "__converted_from__": f"official-{args.model}"}, args.output)
     counts = report.counts()
-    n_backbone = sum(1 for k in converted if k.startswith("backbone.body."))
+    backbone_prefix = model_key_tables()[args.model.lower()].backbone_prefix
+    n_backbone = sum(1 for k in converted if k.startswith(backbone_prefix))
     print(
         f"{args.input}: {len(state_dict)} keys -> {len(converted)} written to {args.output} "
         f"({counts['converted']} renamed or kept by rule, {n_backbone} of them backbone; "
