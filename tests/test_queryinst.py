@@ -342,7 +342,7 @@ def test_mask_head_init_as_the_official_code_ends_up():
     plain nn.ModuleList): the convs keep ConvModule's own init (Kaiming-normal fan_out, norm 1/0),
     the rest PyTorch's defaults (uniform within 1/sqrt(fan_in), non-zero biases)."""
     torch.manual_seed(0)
-    h = DynamicMaskHead(80)
+    h = DynamicMaskHead(80).requires_grad_(False)
     conv = h.convs[0]
     assert conv.bias is None and isinstance(h.convs[1], torch.nn.BatchNorm2d)
     assert abs(float(conv.weight.std()) - math.sqrt(2.0 / (256 * 9))) < 0.002  # fan_out = 256 x 3 x 3
