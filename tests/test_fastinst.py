@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from init_checks import assert_pytorch_default_conv_init
 import torch
 import torch.nn.functional as F
 
@@ -347,13 +348,7 @@ def test_ppm_fpn_init_follows_the_official_code():
     dec = PPMFPN([512, 1024, 2048], channels=256, ppm_channels=64)
     ppm_convs = [s[1] for s in dec.ppm.stages] + [dec.ppm.bottleneck]
     assert [c.in_channels for c in ppm_convs] == [256] * 4 + [512]
-    for conv in ppm_convs:
-        fan_in = conv.weight[0].numel()
-        bound = fan_in ** -0.5
-        assert float(conv.weight.detach().std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)
-        assert float(conv.weight.detach().abs().max()) <= bound
-        assert bool((conv.bias.detach() != 0).all()) and float(conv.bias.detach().abs().max()) <= bound
-        assert float(conv.bias.detach().std()) > 0.3 * bound / 3 ** 0.5
+    assert_pytorch_default_conv_init(ppm_convs)
     # c2_msra_fill would give std sqrt(2 / fan_out): 0.18 on the branches, 0.09 on the bottleneck
     assert float(ppm_convs[0].weight.detach().std()) < 0.05 and float(dec.ppm.bottleneck.weight.detach().std()) < 0.03
     for i in (1, 2, 3):  # c2_xavier_fill: kaiming-uniform a=1, std 1/sqrt(fan_in)
