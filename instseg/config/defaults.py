@@ -103,6 +103,11 @@ _C.DATALOADER.NUM_WORKERS = 4
 _C.DATALOADER.ASPECT_RATIO_GROUPING = True
 # Drop training images without any (non-crowd) instance.
 _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+# Before training/evaluation, open every image of the datasets in use and report every missing,
+# corrupt or mis-sized file at once ("auto": only for datasets of at most
+# DATALOADER.CHECK_FILES_MAX_IMAGES images; True: always; False: never).
+_C.DATALOADER.CHECK_FILES = "auto"
+_C.DATALOADER.CHECK_FILES_MAX_IMAGES = 10000
 
 # ---------------------------------------------------------------------------- #
 # Solver (iteration based)
@@ -129,6 +134,9 @@ _C.SOLVER.WARMUP_FACTOR = 1.0 / 1000
 _C.SOLVER.WARMUP_ITERS = 1000
 _C.SOLVER.WARMUP_METHOD = "linear"
 _C.SOLVER.CHECKPOINT_PERIOD = 5000
+# Keep only the newest N periodic checkpoints (model_XXXXXXX.ckpt; Detectron2's
+# PeriodicCheckpointer max_to_keep). 0 keeps all. last.ckpt and model_final.ckpt are never removed.
+_C.SOLVER.CHECKPOINT_KEEP_LAST = 0
 _C.SOLVER.CLIP_GRADIENTS = CN({"ENABLED": False})
 # "norm" (total norm over all parameters, e.g. QueryInst's max-norm 1.0) or "value".
 _C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
