@@ -21,7 +21,16 @@ from torch import nn
 
 from .convert import _to_tensor, convert_backbone_key, read_weights_file
 
-__all__ = ["load_backbone_weights", "load_checkpoint", "load_state_dict_with_report", "read_checkpoint"]
+__all__ = [
+    "IncompleteWeightsError",
+    "check_complete_load",
+    "describe_load_report",
+    "is_complete_load",
+    "load_backbone_weights",
+    "load_checkpoint",
+    "load_state_dict_with_report",
+    "read_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +148,8 @@ def load_checkpoint(model: nn.Module, path: str, strict_shapes: bool = False) ->
         strict_shapes: raise instead of skipping tensors whose shape differs.
 
     Returns:
-        the report of :func:`load_state_dict_with_report`.
+        the report of :func:`load_state_dict_with_report` (with ``"imagenet_backbone": True``
+        when the ImageNet path was taken).
 
     Raises:
         FileNotFoundError: no file at ``path`` (named in the message).
@@ -185,6 +195,7 @@ def _load_imagenet_into_model(model: nn.Module, backbone: nn.Module, path: str, 
         "missing": [prefix + k for k in rep["missing"]] + rest,
         "unexpected": rep["unexpected"],
         "shapes": {prefix + k: v for k, v in rep["shapes"].items()},
+        "imagenet_backbone": True,
     }
 
 
@@ -237,3 +248,73 @@ def load_backbone_weights(backbone: nn.Module, path: str, strict_shapes: bool = 
         sd[key] = tensor
     report = load_state_dict_with_report(target, sd, strict_shapes=strict_shapes, source=str(path))
     return report
+
+
+class IncompleteWeightsError(ValueError):
+    """A weights file does not hold every tensor of the model with the model's shape (raised by
+    :func:`check_complete_load`; the message lists the missing, unexpected and shape-mismatched
+    tensors)."""
+
+
+def is_complete_load(report: Mapping[str, list]) -> bool:
+    """True when a :func:`load_checkpoint` report has no missing, unexpected or shape-mismatched
+    tensor (``num_batches_tracked`` counters are never reported, so they never count)."""
+    return not (report.get("missing") or report.get("unexpected") or report.get("skipped_shape"))
+
+
+def describe_load_report(report: Mapping[str, list], source: str, limit: int = 20) -> str:
+    """Human-readable summary of a :func:`load_checkpoint` report: how many model tensors were
+    loaded and the names of the missing, unexpected and shape-mismatched ones (with both shapes).
+
+    Args:
+        report: the report of :func:`load_checkpoint` / :func:`load_state_dict_with_report`.
+        source: the file name to print.
+        limit: at most this many names per category (``0``: all); the count is always complete.
+
+    Returns:
+        A multi-line string (no trailing newline).
+    """
+    loaded, missing = report.get("loaded", []), report.get("missing", [])
+    unexpected, skipped = report.get("unexpected", []), report.get("skipped_shape", [])
+    shapes = report.get("shapes", {})
+    total = len(loaded) + len(missing) + len(skipped)
+
+    def names(keys: List[str]) -> str:
+        shown = keys if limit <= 0 else keys[:limit]
+        more = "" if len(shown) == len(keys) else f", ... (+{len(keys) - len(shown)} more)"
+        return ", ".join(shown) + more
+
+    lines = [f"{source}: {len(loaded)} of {total} model tensors loaded"
+             + (" (an ImageNet classification file: backbone only)" if report.get("imagenet_backbone") else "")]
+    if missing:
+        lines.append(f"  {len(missing)} missing (not in the file, left as initialized): {names(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected (in the file, not in the model): {names(unexpected)}")
+    if skipped:
+        shown = skipped if limit <= 0 else skipped[:limit]
+        more = "" if len(shown) == len(skipped) else f", ... (+{len(skipped) - len(shown)} more)"
+        items = ", ".join(f"{k} {shapes[k][0]} in the file vs {shapes[k][1]} in the model" if k in shapes else k for k in shown)
+        lines.append(f"  {len(skipped)} with another shape (skipped): {items}{more}")
+    return "\n".join(lines)
+
+
+def check_complete_load(report: Mapping[str, list], source: str, what: str = "the model") -> None:
+    """Raise unless ``report`` (of :func:`load_checkpoint`) loaded every tensor of the model.
+
+    Args:
+        report: the load report.
+        source: the weights file (named in the message).
+        what: the model, as the message should name it (e.g. ``"SparseInst (80 classes)"``).
+
+    Raises:
+        IncompleteWeightsError: some tensor is missing, unexpected or of another shape; the
+            message lists them (20 per category; :func:`describe_load_report` gives all).
+    """
+    if is_complete_load(report):
+        return
+    raise IncompleteWeightsError(
+        f"MODEL.WEIGHTS does not fit {what}; evaluating it would score a partly random model.\n"
+        + describe_load_report(report, source)
+        + "\nUse the config the weights were trained with (model family, MODEL.NUM_CLASSES, backbone), "
+        "or pass --allow-partial-weights to evaluate them anyway."
+    )

@@ -5,13 +5,17 @@
     python tools/eval_net.py ...      # the same, from a source checkout
 
 Results are printed and written to OUTPUT_DIR (``metrics.json``, ``coco_instances_results.json``).
+``--config-file`` and MODEL.WEIGHTS are required; weights that do not fill the model (missing,
+unexpected or shape-mismatched tensors: another model family or class count, an ImageNet backbone
+file) are an error listing them, unless ``--allow-partial-weights``. Evaluating into a training
+folder is fine (no checkpoint is written; a differing config goes to ``config.<time>.yaml``).
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from instseg.utils.cli import add_dataset_argument
+from instseg.utils.cli import CONFIG_FILE_REQUIRED, add_allow_partial_weights_argument, add_dataset_argument
 
 __all__ = ["get_parser", "run", "main"]
 
@@ -21,29 +25,41 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-file", default="", metavar="FILE")
     add_dataset_argument(p)
     p.add_argument("--per-category", action="store_true", help="also report AP per category")
+    add_allow_partial_weights_argument(p)
     p.add_argument("--num-gpus", type=int, default=1)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides (MODEL.WEIGHTS W ...)")
     return p
 
 
 def run(argv=None):
-    """Parse ``argv``, evaluate MODEL.WEIGHTS on DATASETS.TEST, print and return the results."""
+    """Parse ``argv``, evaluate MODEL.WEIGHTS on DATASETS.TEST, print and return the results.
+
+    Raises:
+        SystemExit: (status 2, argparse) no ``--config-file`` or no MODEL.WEIGHTS.
+        instseg.checkpoint.IncompleteWeightsError: the weights do not fill the model and
+            ``--allow-partial-weights`` was not given.
+    """
     p = get_parser()
     args = p.parse_args(argv)
+    if not args.config_file:
+        p.error(CONFIG_FILE_REQUIRED)
     from instseg.engine import default_setup, evaluate
-    from instseg.engine.launch import setup_cfg_from_args
+    from instseg.engine.launch import fatal_errors_logged, setup_cfg_from_args
 
     cfg = setup_cfg_from_args(args)
     if not cfg.MODEL.WEIGHTS:
         p.error("MODEL.WEIGHTS is required (a checkpoint written by train_net.py or a converted official one)")
-    default_setup(cfg, args)
-    results = evaluate(cfg, num_gpus=args.num_gpus, per_category=args.per_category)
+    with fatal_errors_logged(cfg.OUTPUT_DIR):
+        default_setup(cfg, args)
+        results = evaluate(cfg, num_gpus=args.num_gpus, per_category=args.per_category,
+                           allow_partial_weights=args.allow_partial_weights)
     print(json.dumps(results, indent=1))
     return results
 
 
 def main(argv=None) -> int:
-    """Console script ``instseg-eval``: :func:`run`, exit status 0."""
+    """Console script ``instseg-eval``: :func:`run`, exit status 0 (an error raises: status 1,
+    or 2 for a command-line error)."""
     run(argv)
     return 0
 

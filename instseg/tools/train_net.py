@@ -1,46 +1,68 @@
 """Train any registered model (Detectron2-style flags).
 
     instseg-train --config-file configs/sparseinst/R50_giam.yaml \\
-        [--dataset NAME JSON_FILE IMAGE_ROOT] [--num-gpus N] [--resume] [--eval-only] [KEY VALUE ...]
+        [--dataset NAME JSON_FILE IMAGE_ROOT] [--num-gpus N] [--resume | --overwrite] \\
+        [--eval-only [--allow-partial-weights]] [KEY VALUE ...]
     python tools/train_net.py ...     # the same, from a source checkout
 
-``--eval-only`` evaluates MODEL.WEIGHTS on DATASETS.TEST instead of training.
+``--config-file`` is required. ``--eval-only`` evaluates MODEL.WEIGHTS on DATASETS.TEST instead
+of training; weights that do not fill the model are an error unless ``--allow-partial-weights``.
+A new run into an OUTPUT_DIR holding another run's checkpoints stops unless ``--resume``
+(continue it) or ``--overwrite`` (delete them). Fatal errors are also written, with their
+traceback, to OUTPUT_DIR/log.txt.
 """
 from __future__ import annotations
 
 import json
 
-from instseg.utils.cli import default_argument_parser
+from instseg.utils.cli import CONFIG_FILE_REQUIRED, default_argument_parser
 
 __all__ = ["run", "main"]
 
 
 def run(argv=None):
-    """Parse ``argv``, train (or evaluate with ``--eval-only``), print and return the results."""
-    args = default_argument_parser(__doc__).parse_args(argv)
+    """Parse ``argv``, train (or evaluate with ``--eval-only``), print and return the results.
+
+    Raises:
+        SystemExit: (status 2, argparse) no ``--config-file``; ``--resume`` with ``--overwrite``;
+            ``--eval-only`` without MODEL.WEIGHTS.
+        instseg.engine.launch.OutputDirInUseError: a new run into another run's OUTPUT_DIR.
+        instseg.checkpoint.IncompleteWeightsError: ``--eval-only`` with weights that do not fill the model.
+    """
+    parser = default_argument_parser(__doc__)
+    args = parser.parse_args(argv)
+    if not args.config_file:
+        parser.error(CONFIG_FILE_REQUIRED)
+    if args.resume and args.overwrite:
+        parser.error("--resume and --overwrite exclude each other (continue the run in OUTPUT_DIR, or delete it)")
     from instseg.engine import default_setup, evaluate, train
-    from instseg.engine.launch import setup_cfg_from_args
+    from instseg.engine.launch import fatal_errors_logged, setup_cfg_from_args
 
     cfg = setup_cfg_from_args(args)
-    default_setup(cfg, args)
-    if args.eval_only:
-        results = evaluate(cfg, num_gpus=args.num_gpus)
-    else:
-        results = train(
-            cfg,
-            resume=args.resume,
-            num_gpus=args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-        )
+    if args.eval_only and not cfg.MODEL.WEIGHTS:
+        parser.error("--eval-only needs MODEL.WEIGHTS (a checkpoint written by train_net.py or a converted official one)")
+    with fatal_errors_logged(cfg.OUTPUT_DIR):
+        default_setup(cfg, args)
+        if args.eval_only:
+            results = evaluate(cfg, num_gpus=args.num_gpus, allow_partial_weights=args.allow_partial_weights)
+        else:
+            results = train(
+                cfg,
+                resume=args.resume,
+                num_gpus=args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                overwrite=args.overwrite,
+            )
     if results:
         print(json.dumps(results, indent=1))
     return results
 
 
 def main(argv=None) -> int:
-    """Console script ``instseg-train``: :func:`run`, exit status 0."""
+    """Console script ``instseg-train``: :func:`run`, exit status 0 (an error raises: status 1,
+    or 2 for a command-line error)."""
     run(argv)
     return 0
 

@@ -11,7 +11,27 @@ import os
 import sys
 from typing import List, Optional
 
-__all__ = ["default_argument_parser", "add_dataset_argument", "register_cli_datasets"]
+__all__ = ["default_argument_parser", "add_dataset_argument", "add_allow_partial_weights_argument",
+           "register_cli_datasets", "CONFIG_FILE_REQUIRED"]
+
+#: ``parser.error`` text of the tools that train or evaluate when ``--config-file`` is missing.
+CONFIG_FILE_REQUIRED = (
+    "--config-file is required: without it the bare defaults would be used (a FrozenBN ResNet-50 "
+    "with random weights and no model head config), which cannot train or be evaluated. Pick one "
+    "under configs/, e.g. --config-file configs/sparseinst/R50_giam.yaml"
+)
+
+
+def add_allow_partial_weights_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--allow-partial-weights`` (``args.allow_partial_weights``): evaluate MODEL.WEIGHTS even
+    when they do not fill the model (missing, unexpected or shape-mismatched tensors)."""
+    parser.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="evaluate MODEL.WEIGHTS even when tensors are missing, unexpected or of another shape "
+        "(another model family or class count, an ImageNet backbone file); default: an error",
+    )
+    return parser
 
 
 def add_dataset_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -32,8 +52,10 @@ def default_argument_parser(description: Optional[str] = None) -> argparse.Argum
     """Parser with Detectron2's training flags.
 
     Flags: ``--config-file``, ``--dataset NAME JSON IMAGE_ROOT`` (repeatable), ``--num-gpus``,
-    ``--num-machines``, ``--machine-rank``, ``--dist-url``, ``--resume``, ``--eval-only`` and the
-    trailing ``opts`` (``KEY VALUE ...`` config overrides, ``argparse.REMAINDER``).
+    ``--num-machines``, ``--machine-rank``, ``--dist-url``, ``--resume``, ``--overwrite``,
+    ``--eval-only``, ``--allow-partial-weights`` and the trailing ``opts`` (``KEY VALUE ...``
+    config overrides, ``argparse.REMAINDER``). ``--config-file`` is not enforced by the parser
+    (tools that need it check it, see :data:`CONFIG_FILE_REQUIRED`).
     """
     parser = argparse.ArgumentParser(
         description=description,
@@ -43,7 +65,10 @@ def default_argument_parser(description: Optional[str] = None) -> argparse.Argum
     add_dataset_argument(parser)
     parser.add_argument("--resume", action="store_true",
                         help="resume from the last checkpoint in OUTPUT_DIR if there is one")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start a new run in an OUTPUT_DIR that holds another run's checkpoints, deleting them")
     parser.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS only")
+    add_allow_partial_weights_argument(parser)
     parser.add_argument("--num-gpus", type=int, default=1, help="GPUs per machine")
     parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
     parser.add_argument("--machine-rank", type=int, default=0,
