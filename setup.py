@@ -31,7 +31,8 @@ setup(
     # its _BASE_ chain), so that it runs after a non-editable install too.
     package_data={"instseg.tools": ["configs/*.yaml", "configs/*/*.yaml"]},
     extras_require={
-        "test": ["pytest>=7.4"],
+        # hypothesis: the fuzz tests of the data validation (tests/test_fuzz.py)
+        "test": ["pytest>=7.4", "hypothesis>=6.100"],
         "fast-eval": ["faster-coco-eval>=1.5"],
     },
     entry_points={
@@ -49,6 +50,7 @@ setup(
             "instseg-benchmark=instseg.tools.benchmark_fps:main",
             "instseg-quickstart=instseg.tools.quickstart:main",
             "instseg-convert=instseg.tools.convert_official_weights:main",
+            "instseg-check-dataset=instseg.tools.check_dataset:main",
         ]
     },
 )

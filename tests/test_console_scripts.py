@@ -1,5 +1,5 @@
 """The console scripts declared in setup.py (instseg-train, -eval, -benchmark, -quickstart,
--convert), their source-checkout wrappers tools/*.py, and the quickstart's packaged config."""
+-convert, -check-dataset), their source-checkout wrappers tools/*.py, and the quickstart's packaged config."""
 from __future__ import annotations
 
 import ast
@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECTED = {"instseg-train", "instseg-eval", "instseg-benchmark", "instseg-quickstart", "instseg-convert"}
-WRAPPERS = ["train_net.py", "eval_net.py", "benchmark_fps.py", "quickstart.py", "convert_official_weights.py"]
+EXPECTED = {"instseg-train", "instseg-eval", "instseg-benchmark", "instseg-quickstart", "instseg-convert",
+            "instseg-check-dataset"}
+WRAPPERS = ["train_net.py", "eval_net.py", "benchmark_fps.py", "quickstart.py", "convert_official_weights.py",
+            "check_dataset.py"]
 
 
 def _setup_kwargs() -> dict:

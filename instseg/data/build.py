@@ -27,8 +27,9 @@ from .classes import _check_same_classes
 from .dataset import MapDataset, get_dataset_dicts
 from .mapper import DatasetMapper
 from .samplers import GroupedBatchSampler, InferenceSampler, InfiniteBatchSampler, TrainingSampler, _PositionSeededBatchSampler
+from .validation import check_dataset_files, resolve_check_files
 
-__all__ = ["build_train_loader", "build_test_loader", "trivial_batch_collator", "DEFAULT_SAMPLER_SEED"]
+__all__ = ["build_train_loader", "build_test_loader", "trivial_batch_collator", "maybe_check_files", "DEFAULT_SAMPLER_SEED"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,31 @@ def _worker_init_fn(worker_id: int) -> None:
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+
+
+def maybe_check_files(cfg, dicts: List[dict], names: List[str]) -> bool:
+    """The up-front scan of a loader's images (:func:`instseg.data.check_dataset_files`) when
+    ``DATALOADER.CHECK_FILES`` asks for it: ``"auto"`` (default) scans when the loader has at
+    most ``DATALOADER.CHECK_FILES_MAX_IMAGES`` images (10000: about 10-30 s with 8 threads),
+    ``True`` always, ``False`` never. Every process (rank) scans the whole list, so that all
+    stop with the same error. Returns whether it scanned.
+
+    Raises:
+        DatasetFilesError: missing, corrupt or mis-sized images (all listed).
+        ValueError: an invalid ``DATALOADER.CHECK_FILES``.
+    """
+    dl = cfg.DATALOADER
+    value = dl.get("CHECK_FILES", "auto") if hasattr(dl, "get") else getattr(dl, "CHECK_FILES", "auto")
+    max_images = int(dl.get("CHECK_FILES_MAX_IMAGES", 10000) if hasattr(dl, "get") else 10000)
+    if not resolve_check_files(value, len(dicts), max_images):
+        if str(value).strip().lower() == "auto":
+            logger.info(
+                "Not scanning the %d image files of %s up front (more than DATALOADER.CHECK_FILES_MAX_IMAGES=%d; "
+                "set DATALOADER.CHECK_FILES True to scan, or run tools/check_dataset.py)", len(dicts), names, max_images)
+        return False
+    n = check_dataset_files(dicts, desc=f"Checking images of {', '.join(names)}")
+    logger.info("Checked %d image files of %s: all readable and of the json's size", n, names)
+    return True
 
 
 def build_train_loader(
@@ -77,9 +103,14 @@ def build_train_loader(
         deterministic given the seed; augmentations draw from torch's generator, seeded per
         worker from ``(seed, rank, start_iter)``.
 
+    Before the loader is built, its images are scanned when ``DATALOADER.CHECK_FILES`` says so
+    (:func:`maybe_check_files`).
+
     Raises:
         ValueError: no training dataset, a dataset empty after filtering (named), or
             ``IMS_PER_BATCH`` not a positive multiple of ``world_size``.
+        DatasetFilesError: (a ``ValueError``) the up-front scan found missing, corrupt or
+            mis-sized images (all listed).
     """
     names = list(cfg.DATASETS.TRAIN)
     total = int(cfg.SOLVER.IMS_PER_BATCH)
@@ -91,6 +122,7 @@ def build_train_loader(
     batch_size = total // world_size
     _check_same_classes(names)
     dicts = get_dataset_dicts(names, filter_empty=bool(cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS))
+    maybe_check_files(cfg, dicts, names)
     if seed is None:
         seed = int(cfg.SEED) if int(cfg.SEED) >= 0 else DEFAULT_SAMPLER_SEED
     sampler = TrainingSampler(len(dicts), shuffle=True, seed=seed, rank=rank, world_size=world_size)
@@ -139,13 +171,18 @@ def build_test_loader(
     Returns:
         A ``DataLoader`` (with ``len()``) yielding lists of mapped dicts without ``"instances"``.
 
+    The images are scanned first when ``DATALOADER.CHECK_FILES`` says so (:func:`maybe_check_files`).
+
     Raises:
         KeyError: ``dataset_name`` is not registered.
         ValueError: the dataset is empty (named), or ``batch_size < 1``.
+        DatasetFilesError: (a ``ValueError``) the up-front scan found missing, corrupt or
+            mis-sized images (all listed).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     dicts = get_dataset_dicts([dataset_name], filter_empty=False)
+    maybe_check_files(cfg, dicts, [dataset_name])
     sampler = InferenceSampler(len(dicts), rank=rank, world_size=world_size)
     dataset = MapDataset(dicts, mapper if mapper is not None else DatasetMapper(cfg, is_train=False))
     return DataLoader(

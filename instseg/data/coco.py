@@ -10,15 +10,27 @@ Dataset dict (docs/architecture.md, "Data contract")::
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
+import math
 import mmap
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from .catalog import DatasetCatalog, MetadataCatalog
+from .polygons import coordinate_margin
+from .validation import (
+    AnnotationError,
+    DatasetJSONError,
+    Defect,
+    _is_int,
+    _summarize,
+    check_bbox,
+    check_polygons,
+    check_rle,
+    iter_problems,
+    location,
+)
 
 __all__ = [
     "load_coco_json",
@@ -32,17 +44,40 @@ logger = logging.getLogger(__name__)
 
 
 def _categories_to_meta(cats: List[Dict[str, Any]], json_file: str) -> Dict[str, Any]:
-    """``thing_classes`` / ``thing_dataset_id_to_contiguous_id`` from COCO ``categories``."""
-    if not cats:
-        raise ValueError(f"{json_file}: the json has no categories")
+    """``thing_classes`` / ``thing_dataset_id_to_contiguous_id`` from COCO ``categories``.
+
+    Raises:
+        DatasetJSONError: no categories, a category that is not ``{"id": int, "name": str}``, or
+            duplicate category ids (the message names the file).
+    """
+    if not isinstance(cats, list) or not cats:
+        raise DatasetJSONError(f"{json_file}: the json has no categories", json_file)
+    for i, c in enumerate(cats):
+        if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+            raise DatasetJSONError(
+                f"{json_file}: category #{i} must be {{'id': int, 'name': str, ...}}, got {c!r:.200}", json_file)
     ids = [int(c["id"]) for c in cats]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{json_file}: duplicate category ids in {sorted(ids)}")
+        raise DatasetJSONError(f"{json_file}: duplicate category ids in {sorted(ids)}", json_file)
     cats = sorted(cats, key=lambda c: int(c["id"]))
     return {
         "thing_classes": [str(c["name"]) for c in cats],
         "thing_dataset_id_to_contiguous_id": {int(c["id"]): i for i, c in enumerate(cats)},
     }
+
+
+def _read_json(json_file: str) -> Any:
+    """``json.load`` of ``json_file``; invalid JSON -> :class:`DatasetJSONError` naming the file,
+    line and column."""
+    try:
+        with open(json_file, "rb") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetJSONError(
+            f"{json_file}: invalid JSON at line {e.lineno} column {e.colno} (char {e.pos}): {e.msg}", json_file
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DatasetJSONError(f"{json_file}: not a UTF-8 json file ({e})", json_file) from None
 
 
 def read_coco_categories(json_file: str) -> Dict[str, Any]:
@@ -55,7 +90,8 @@ def read_coco_categories(json_file: str) -> Dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``json_file`` does not exist.
-        ValueError: the json has no usable ``categories``.
+        DatasetJSONError: (a ``ValueError``) invalid JSON (file, line and column named), or no
+            usable ``categories``.
     """
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"COCO json file not found: {json_file}")
@@ -63,10 +99,9 @@ def read_coco_categories(json_file: str) -> Dict[str, Any]:
         cats = _find_categories_fast(json_file)
         if cats is not None:
             return _categories_to_meta(cats, json_file)
-    with open(json_file, "r") as f:
-        data = json.load(f)
+    data = _read_json(json_file)
     if not isinstance(data, dict) or "categories" not in data:
-        raise ValueError(f"{json_file}: not a COCO instances json (no 'categories' key)")
+        raise DatasetJSONError(f"{json_file}: not a COCO instances json (no 'categories' key)", json_file)
     return _categories_to_meta(data["categories"], json_file)
 
 
@@ -98,17 +133,20 @@ def _find_categories_fast(json_file: str) -> Optional[List[Dict[str, Any]]]:
     return None
 
 
-def _valid_polygons(segm: List[Any]) -> List[List[float]]:
-    """Polygons with an even number (>= 6) of coordinates, as float lists."""
-    out = []
-    for poly in segm:
-        if isinstance(poly, (list, tuple)) and len(poly) % 2 == 0 and len(poly) >= 6:
-            out.append([float(v) for v in poly])
-    return out
+def _image_size(img: Dict[str, Any], key: str) -> int:
+    v = img.get(key)
+    if _is_int(v) and v > 0:
+        return int(v)
+    if isinstance(v, float) and math.isfinite(v) and v > 0 and v == int(v):
+        return int(v)  # 480.0, as some converters write
+    if v is None:
+        raise Defect(f"has no '{key}'")
+    raise Defect(f"'{key}' must be a positive integer (pixels), got {v!r}")
 
 
 def load_coco_json(json_file: str, image_root: str, dataset_name: Optional[str] = None) -> List[dict]:
-    """Load a COCO instances json into a list of dataset dicts (docs/architecture.md, "Data contract").
+    """Load a COCO instances json into a list of dataset dicts (docs/architecture.md, "Data contract"),
+    validating every image and annotation entry.
 
     Args:
         json_file: path of the COCO instances json.
@@ -119,97 +157,180 @@ def load_coco_json(json_file: str, image_root: str, dataset_name: Optional[str] 
     Returns:
         One dict per image, in the json's image order: ``file_name`` (absolute path),
         ``image_id``, ``height``, ``width`` (pixels), ``annotations``: list of
-        ``{"bbox": [x, y, w, h] float pixels, "bbox_mode": "XYWH_ABS", "category_id": int in
-        0..C-1 (contiguous, sorted json category ids), "segmentation": list of polygons (each a
-        flat ``[x0, y0, x1, y1, ...]`` float list) or an RLE dict, "iscrowd": 0 | 1}``.
-        Images without annotations are kept (the training loader filters them).
+        ``{"id": the json's annotation id, "bbox": [x, y, w, h] float pixels, "bbox_mode":
+        "XYWH_ABS", "category_id": int in 0..C-1 (contiguous, sorted json category ids),
+        "segmentation": list of polygons (each a flat ``[x0, y0, x1, y1, ...]`` float list) or
+        an RLE dict (compressed), "iscrowd": 0 | 1}``. Images without annotations are kept (the
+        training loader filters them).
 
-    Skips (documented, counted in one logged warning): polygons with fewer than 3 points (or an
-    odd number of coordinates) are dropped from an annotation; an annotation left without any
-    valid polygon, or without a ``segmentation``, is dropped. Annotations with ``"ignore": 1``
-    are dropped silently.
+    Validation (errors, all found at once, :class:`AnnotationError`): an image entry must have
+    a unique integer ``id``, a non-empty string ``file_name`` and positive integer ``height`` and
+    ``width`` (``480.0`` is accepted); an annotation must have a unique integer ``id``, an
+    integer ``image_id``, a ``category_id`` among the json's categories, a ``bbox`` of 4 finite
+    numbers with non-negative width and height, ``iscrowd`` 0/1 when present, and a
+    ``segmentation`` that is a list of polygons (flat lists of finite numbers) or an RLE dict
+    whose ``size`` is the image's ``[height, width]`` and whose runs cover it exactly. NaN and
+    Inf coordinates are errors.
+
+    Repairs (counted in one logged warning with the first examples): polygons with fewer than
+    3 points (or an odd number of coordinates) are dropped from an annotation; an annotation
+    left without any valid polygon, or without a ``segmentation``, is dropped; polygon
+    coordinates and boxes more than ``max(H, W)`` pixels outside the image are clipped to that
+    margin (:func:`instseg.data.polygons.clip_polygons_to_margin`; the mask inside the image
+    does not change); annotations of an ``image_id`` that is not among the images are ignored.
+    Annotations with ``"ignore": 1`` are dropped silently.
 
     Raises:
         FileNotFoundError: ``json_file`` does not exist.
-        ValueError: an annotation refers to a category id that the json does not define, or an
-            image entry has no ``height``/``width``.
+        DatasetJSONError: (a ``ValueError``) invalid JSON (the message gives line and column),
+            not a COCO json (no ``images`` list), or invalid ``categories``.
+        AnnotationError: (a ``ValueError``) invalid image or annotation entries; every message
+            has the form ``"FILE: image ID (FILE_NAME) annotation ID: PROBLEM"``
+            (:func:`instseg.data.validation.location`); the exception lists the first 20 and
+            keeps all in ``.problems``.
     """
-    from pycocotools import mask as mask_util
-    from pycocotools.coco import COCO
-
     if not os.path.isfile(json_file):
         raise FileNotFoundError(f"COCO json file not found: {json_file}")
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco = COCO(json_file)
-
-    meta = _categories_to_meta(coco.loadCats(coco.getCatIds()), json_file)
+    data = _read_json(json_file)
+    if not isinstance(data, dict):
+        raise DatasetJSONError(f"{json_file}: not a COCO instances json (the top level is a "
+                               f"{type(data).__name__}, not an object)", json_file)
+    images = data.get("images")
+    annotations = data.get("annotations", [])
+    if not isinstance(images, list):
+        raise DatasetJSONError(f"{json_file}: not a COCO instances json (no 'images' list)", json_file)
+    if not isinstance(annotations, list):
+        raise DatasetJSONError(f"{json_file}: 'annotations' must be a list, got {type(annotations).__name__}",
+                               json_file)
+    meta = _categories_to_meta(data.get("categories"), json_file)
     id_map: Dict[int, int] = meta["thing_dataset_id_to_contiguous_id"]
     if dataset_name is not None:
         MetadataCatalog.get(dataset_name).set(**meta)
 
     image_root = os.path.abspath(os.path.expanduser(image_root))
-    img_ids = [img["id"] for img in coco.dataset.get("images", [])]
-    n_poly_dropped = n_ann_no_valid_poly = n_ann_no_segm = 0
-    dataset_dicts: List[dict] = []
-    for img_id in img_ids:
-        img = coco.imgs[img_id]
-        if "height" not in img or "width" not in img:
-            raise ValueError(f"{json_file}: image id {img_id} has no height/width")
-        h, w = int(img["height"]), int(img["width"])
-        record = {
-            "file_name": os.path.join(image_root, img["file_name"]),
-            "image_id": img_id,
-            "height": h,
-            "width": w,
-        }
-        objs = []
-        for anno in coco.imgToAnns.get(img_id, []):
+    problems: List[str] = []
+    first: Dict[str, Any] = {}
+
+    def problem(msg: str, image_id: Any = None, annotation_id: Any = None) -> None:
+        if not problems:
+            first.update(image_id=image_id, annotation_id=annotation_id)
+        problems.append(msg)
+
+    # images
+    records: Dict[int, dict] = {}
+    order: List[int] = []
+    for i, img in enumerate(images):
+        img_id = img.get("id") if isinstance(img, dict) else None
+        fname = img.get("file_name") if isinstance(img, dict) else None
+        loc = location(json_file, img_id if img_id is not None else f"#{i}",
+                       fname if isinstance(fname, str) else None)
+        try:
+            if not isinstance(img, dict):
+                raise Defect(f"image entry must be an object, got {type(img).__name__}")
+            if not _is_int(img_id):
+                raise Defect(f"image 'id' must be an integer, got {img_id!r}")
+            if img_id in records:
+                raise Defect(f"duplicate image id {img_id} (also image #{order.index(img_id)} of the json)")
+            if not isinstance(fname, str) or not fname:
+                raise Defect(f"image 'file_name' must be a non-empty string, got {fname!r}")
+            h, w = _image_size(img, "height"), _image_size(img, "width")
+        except Defect as e:
+            problem(f"{loc}: {e}", image_id=img_id)
+            continue
+        records[img_id] = {"file_name": os.path.join(image_root, fname), "image_id": img_id, "height": h,
+                           "width": w, "annotations": [], "_name": fname}
+        order.append(img_id)
+
+    # annotations
+    counts = dict(poly_dropped=0, ann_no_valid_poly=0, ann_no_segm=0, clipped=0, unknown_image=0)
+    examples: List[str] = []
+    seen_ann: Dict[Any, int] = {}
+    for j, anno in enumerate(annotations):
+        if not isinstance(anno, dict):
+            problem(f"{location(json_file, annotation_index=j)}: annotation entry must be an object, got "
+                    f"{type(anno).__name__}")
+            continue
+        ann_id, img_id = anno.get("id"), anno.get("image_id")
+        rec = records.get(img_id) if _is_int(img_id) else None
+        loc = location(json_file, img_id, rec["_name"] if rec else None,
+                       ann_id if ann_id is not None else None, None if ann_id is not None else j)
+        try:
+            if not _is_int(ann_id):
+                raise Defect(f"annotation 'id' must be an integer, got {ann_id!r}")
+            if ann_id in seen_ann:
+                raise Defect(f"duplicate annotation id {ann_id} (also annotation #{seen_ann[ann_id]} of the json)")
+            seen_ann[ann_id] = j
+            if not _is_int(img_id):
+                raise Defect(f"annotation 'image_id' must be an integer, got {img_id!r}")
             if anno.get("ignore", 0):
                 continue
-            cat = anno["category_id"]
-            if cat not in id_map:
-                raise ValueError(
-                    f"{json_file}: annotation {anno.get('id')} of image {img_id} has category_id "
-                    f"{cat}, which is not among the json's categories {sorted(id_map)}"
-                )
+            cat = anno.get("category_id")
+            if cat is None:
+                raise Defect("annotation has no 'category_id'")
+            if not _is_int(cat) or cat not in id_map:
+                raise Defect(f"category_id {cat!r} is not among the json's categories {sorted(id_map)}")
+            iscrowd = anno.get("iscrowd", 0)
+            if iscrowd not in (0, 1) or isinstance(iscrowd, float):
+                raise Defect(f"'iscrowd' must be 0 or 1, got {iscrowd!r}")
+            if "bbox" not in anno:
+                raise Defect("annotation has no 'bbox' ([x, y, width, height] pixels)")
+            if rec is None:
+                counts["unknown_image"] += 1
+                if len(examples) < 5:
+                    examples.append(f"{loc}: image id not in the json's images (ignored)")
+                continue
+            h, w = rec["height"], rec["width"]
+            bbox, bbox_clipped = check_bbox(anno["bbox"], h, w)
             segm = anno.get("segmentation")
             if segm is None or (isinstance(segm, list) and len(segm) == 0):
-                n_ann_no_segm += 1
+                counts["ann_no_segm"] += 1
+                if len(examples) < 5:
+                    examples.append(f"{loc}: no segmentation (dropped)")
                 continue
             if isinstance(segm, dict):
-                if isinstance(segm.get("counts"), list):  # uncompressed RLE -> compressed
-                    size = segm.get("size", [h, w])
-                    segm = mask_util.frPyObjects(segm, int(size[0]), int(size[1]))
-                else:
-                    segm = dict(segm)
+                segm = check_rle(segm, h, w)
+                clipped = False
             else:
-                valid = _valid_polygons(segm)
-                n_poly_dropped += len(segm) - len(valid)
-                if not valid:
-                    n_ann_no_valid_poly += 1
+                n_before = len(segm) if isinstance(segm, list) else 0
+                segm, dropped, clipped = check_polygons(segm, h, w)
+                counts["poly_dropped"] += dropped
+                if not segm:
+                    counts["ann_no_valid_poly"] += 1
+                    if len(examples) < 5:
+                        examples.append(f"{loc}: no polygon with 3 or more points{' after clipping' if clipped else ''}"
+                                        f" (of {n_before}; dropped)")
                     continue
-                segm = valid
-            objs.append(
-                {
-                    "bbox": [float(v) for v in anno["bbox"]],
-                    "bbox_mode": "XYWH_ABS",
-                    "category_id": id_map[cat],
-                    "segmentation": segm,
-                    "iscrowd": int(anno.get("iscrowd", 0)),
-                }
-            )
-        record["annotations"] = objs
-        dataset_dicts.append(record)
+            if clipped or bbox_clipped:
+                counts["clipped"] += 1
+                if len(examples) < 5:
+                    examples.append(f"{loc}: coordinates more than {coordinate_margin(h, w)} px (max(H, W)) "
+                                    "outside the image clipped")
+        except Defect as e:
+            problem(f"{loc}: {e}", image_id=img_id, annotation_id=ann_id)
+            continue
+        rec["annotations"].append({
+            "id": ann_id,
+            "bbox": bbox,
+            "bbox_mode": "XYWH_ABS",
+            "category_id": id_map[cat],
+            "segmentation": segm,
+            "iscrowd": int(iscrowd),
+        })
 
-    if n_poly_dropped or n_ann_no_segm:
-        logger.warning(
-            "%s: dropped %d degenerate polygon(s) (fewer than 3 points); dropped %d annotation(s) "
-            "left without a valid polygon and %d annotation(s) without segmentation.",
-            json_file,
-            n_poly_dropped,
-            n_ann_no_valid_poly,
-            n_ann_no_segm,
-        )
+    if problems:
+        n = len(problems)
+        head = problems[0] if n == 1 else (
+            f"{json_file}: {n} invalid image/annotation entries (tools/check_dataset.py lists them all):\n"
+            + iter_problems(problems, 20))
+        raise AnnotationError(head, json_file=json_file, problems=problems, **first)
+    summary = _summarize(json_file, counts, examples)
+    if summary:
+        logger.warning(summary)
+    dataset_dicts = []
+    for img_id in order:
+        rec = records[img_id]
+        del rec["_name"]
+        dataset_dicts.append(rec)
     logger.info("Loaded %d images from %s", len(dataset_dicts), json_file)
     return dataset_dicts
 

@@ -24,6 +24,12 @@ torchvision's ``tv_tensors.KeyPoints`` would not give Detectron2's masks: its ho
 Coordinates are float64, as Detectron2's for COCO's float polygons (an all-integer polygon would be
 truncated by Detectron2's in-place ``apply_coords`` on an int array; here it is not).
 
+Coordinates far outside the canvas are clipped (:func:`clip_polygons_to_margin`) before
+pycocotools rasterizes them: pycocotools' cost grows with a polygon's perimeter in pixels (a
+``1e8`` coordinate exhausts the memory), and it has no check for NaN/Inf (a non-finite coordinate
+raises ``ValueError`` here; :func:`instseg.data.load_coco_json` and the mapper reject them earlier,
+naming the image and annotation).
+
 Geometric functionals without a Detectron2 rule here (rotate, affine, perspective, elastic, pad,
 center/resized crop) raise ``TypeError`` rather than leaving the polygons behind; photometric ones
 pass them through unchanged.
@@ -37,19 +43,101 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["Polygons", "polygons_to_bitmask"]
+__all__ = ["Polygons", "polygons_to_bitmask", "coordinate_margin", "clip_polygons_to_margin"]
 
 PolygonList = List[List[np.ndarray]]  # per instance, its polygons, each (K, 2) float64 (x, y)
 
 
+def coordinate_margin(height: int, width: int) -> int:
+    """The margin (pixels) that polygon coordinates may lie outside a ``(height, width)`` image
+    before they are clipped: ``max(height, width)``. Coordinates in ``[-M, width + M] x
+    [-M, height + M]`` are kept exactly (COCO polygons often end a little outside the image);
+    beyond it a polygon is clipped to that box, which leaves its mask inside the image unchanged
+    (the box is larger than the image) and bounds pycocotools' work."""
+    return int(max(int(height), int(width), 1))
+
+
+def _outside_margin(arr: np.ndarray, height: int, width: int) -> bool:
+    """``arr``: ``(K, 2)`` finite ``(x, y)``; True when a vertex is beyond the margin box."""
+    m = coordinate_margin(height, width)
+    lo = arr.min(axis=0)
+    hi = arr.max(axis=0)
+    return bool(lo[0] < -m or lo[1] < -m or hi[0] > width + m or hi[1] > height + m)
+
+
+def clip_polygons_to_margin(polygons: Sequence[np.ndarray], height: int, width: int) -> Tuple[List[np.ndarray], bool]:
+    """Clip polygons to the box ``[-M, width + M] x [-M, height + M]``, ``M`` =
+    :func:`coordinate_margin`.
+
+    Args:
+        polygons: each a flat ``[x0, y0, x1, y1, ...]`` or ``(K, 2)`` array of finite floats.
+        height, width: the image size (pixels).
+
+    Returns:
+        ``(polygons, clipped)``: flat ``float64`` arrays, and whether any polygon was changed.
+        Polygons inside the box are returned unchanged (same values); one with a vertex outside
+        is intersected with the box by shapely (fvcore's ``CropTransform.apply_polygons``, as a
+        random crop does), so that it may split or vanish; if shapely fails on extreme values the
+        coordinates are clamped to the box instead.
+
+    Raises:
+        ValueError: a coordinate is NaN or infinite.
+    """
+    out: List[np.ndarray] = []
+    clipped = False
+    m = coordinate_margin(height, width)
+    for p in polygons:
+        arr = np.asarray(p, dtype=np.float64).reshape(-1, 2)
+        if arr.size == 0:
+            out.append(arr.reshape(-1))
+            continue
+        if not np.isfinite(arr).all():
+            raise ValueError("non-finite (NaN or Inf) polygon coordinate")
+        if not _outside_margin(arr, height, width):
+            out.append(arr.reshape(-1))
+            continue
+        clipped = True
+        out.extend(_clip_one(arr, -m, -m, width + m, height + m))
+    return out, clipped
+
+
+def _clip_one(arr: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> List[np.ndarray]:
+    from fvcore.transforms.transform import CropTransform
+
+    clamp = [np.stack([np.clip(arr[:, 0], x0, x1), np.clip(arr[:, 1], y0, y1)], axis=1).reshape(-1)]
+    try:
+        parts = CropTransform(x0, y0, x1 - x0, y1 - y0).apply_polygons([arr])
+    except Exception:  # GEOS on extreme values: fall back to clamping
+        return clamp
+    res = []
+    for q in parts:
+        q = np.asarray(q, dtype=np.float64) + np.array([x0, y0], dtype=np.float64)
+        if q.size == 0 or not np.isfinite(q).all() or q[:, 0].min() < x0 - 1 or q[:, 0].max() > x1 + 1 \
+                or q[:, 1].min() < y0 - 1 or q[:, 1].max() > y1 + 1:
+            return clamp
+        res.append(np.clip(q, [x0, y0], [x1, y1]).reshape(-1))
+    return res
+
+
 def polygons_to_bitmask(polygons: Sequence[np.ndarray], height: int, width: int) -> np.ndarray:
     """Detectron2's ``polygons_to_bitmask``: one instance's polygons (flat ``[x0, y0, x1, ...]``
-    arrays) merged into a ``bool (height, width)`` mask with pycocotools; no polygon -> all False."""
+    arrays) merged into a ``bool (height, width)`` mask with pycocotools; no polygon -> all False.
+
+    A last guard before pycocotools: polygons beyond the margin are clipped
+    (:func:`clip_polygons_to_margin`, the mask inside the image is unchanged).
+
+    Raises:
+        ValueError: a coordinate is NaN or infinite (pycocotools would crash or exhaust memory).
+    """
     from pycocotools import mask as mask_util
 
     if len(polygons) == 0:
         return np.zeros((height, width), dtype=bool)
-    rles = mask_util.frPyObjects([np.asarray(p, dtype=np.float64).reshape(-1) for p in polygons], height, width)
+    polys, _ = clip_polygons_to_margin(polygons, height, width)
+    polys = [p for p in polys if p.size >= 6]
+    if not polys:
+        return np.zeros((height, width), dtype=bool)
+    rles = mask_util.frPyObjects(polys, height, width)
     return mask_util.decode(mask_util.merge(rles)).astype(bool)
 
 
