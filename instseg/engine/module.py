@@ -53,6 +53,10 @@ class InstSegModule(L.LightningModule):
     (``coco_instances_results.json``, ``metrics.json``) and all datasets' metrics to
     ``OUTPUT_DIR/metrics.json`` (same structure as :attr:`eval_results`, NaN as ``null``).
 
+    ``train/<loss term>`` and ``train/total_loss`` are logged every step; under DDP, on the steps
+    that the text log, csv and TensorBoard write (:meth:`is_log_step`), they are the mean over the
+    ranks (one ``all_reduce`` per ``LOG_PERIOD``; the gradients are untouched).
+
     ``train/lr`` logs the base LR, ``SOLVER.BASE_LR`` times the schedule's current multiplier (the
     backbone's LR is that times ``SOLVER.BACKBONE_MULTIPLIER``). Gradients are clipped as
     ``SOLVER.CLIP_GRADIENTS`` says (:func:`instseg.engine.optim.clip_gradients`).
@@ -86,10 +90,50 @@ class InstSegModule(L.LightningModule):
         check_finite_losses(losses, it)
         total = sum(losses.values())
         bs = len(batch)
-        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, batch_size=bs, sync_dist=False)
-        self.log("train/total_loss", total.detach(), prog_bar=True, batch_size=bs)
+        logged = self._losses_to_log(losses, total)  # the mean over the ranks on log steps
+        total_logged = logged.pop("total_loss")
+        self.log_dict({f"train/{k}": v for k, v in logged.items()}, batch_size=bs, sync_dist=False)
+        self.log("train/total_loss", total_logged, prog_bar=True, batch_size=bs)
         self.log("train/lr", self.current_base_lr(), batch_size=bs)
         return total
+
+    def is_log_step(self) -> bool:
+        """Whether the current training step's values are written: the first iteration, every
+        ``LOG_PERIOD``-th and the last (the text log), which include the Trainer's
+        ``log_every_n_steps = LOG_PERIOD`` steps (the csv / TensorBoard loggers). The same on
+        every rank (it depends on the step and the config only)."""
+        step = self.global_step + 1  # 1-based number of the iteration being run
+        period = max(1, int(self.cfg.LOG_PERIOD))
+        max_iter, every_n = int(self.cfg.SOLVER.MAX_ITER), 0
+        if self._trainer is not None:
+            max_iter = int(self.trainer.max_steps) if self.trainer.max_steps > 0 else max_iter
+            every_n = int(self.trainer.log_every_n_steps or 0)
+        return step == 1 or step % period == 0 or step == max_iter or bool(every_n and step % every_n == 0)
+
+    def _losses_to_log(self, losses: Dict[str, torch.Tensor], total: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The loss terms and ``"total_loss"`` to log, detached. Under DDP, on a log step
+        (:meth:`is_log_step`), their mean over the ranks: one ``all_reduce`` (sum, then divided by
+        the world size) of the stacked values, a copy that no gradient flows through, with no
+        barrier and no host sync (Lightning's ``sync_dist=True`` would add a barrier and one
+        ``all_reduce`` per key at every step). On the other steps (seen only by a progress bar
+        refreshed every step) and in a single process: this rank's values."""
+        names = list(losses)
+        values = [losses[k].detach() for k in names] + [total.detach()]
+        dist = torch.distributed
+        if (
+            self._trainer is not None
+            and self.trainer.world_size > 1  # a DDP run of this Trainer (all ranks run this step)
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+            and self.is_log_step()
+        ):
+            stacked = torch.stack([v.float().reshape(()) for v in values])
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+            values = list((stacked / dist.get_world_size()).unbind())
+        out = dict(zip(names, values[:-1]))
+        out["total_loss"] = values[-1]
+        return out
 
     def current_base_lr(self) -> float:
         """``SOLVER.BASE_LR`` times the LR schedule's multiplier at the scheduler's current step
@@ -137,10 +181,21 @@ class InstSegModule(L.LightningModule):
         return list(self.cfg.DATASETS.TEST)
 
     def _make_evaluator(self, name: str):
+        """The dataset's evaluator by its metadata's ``evaluator_type``: ``"cityscapes_instance"``
+        -> :class:`CityscapesInstanceEvaluator` (cityscapesscripts); otherwise (``"coco"``) the
+        :class:`COCOEvaluator` on the dataset's ``json_file``."""
         from ..data import MetadataCatalog
         from ..evaluation import COCOEvaluator
 
         meta = MetadataCatalog.get(name)
+        if getattr(meta, "evaluator_type", None) == "cityscapes_instance":
+            from ..evaluation import CityscapesInstanceEvaluator
+
+            return CityscapesInstanceEvaluator(
+                name,
+                output_dir=dataset_output_dir(self.cfg.OUTPUT_DIR, name),
+                max_dets_per_image=self.cfg.TEST.DETECTIONS_PER_IMAGE,
+            )
         mapping = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
         inv = {v: k for k, v in mapping.items()} if mapping else None
         return COCOEvaluator(
