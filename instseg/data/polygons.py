@@ -106,7 +106,8 @@ def _clip_one(arr: np.ndarray, x0: int, y0: int, x1: int, y1: int) -> List[np.nd
 
     clamp = [np.stack([np.clip(arr[:, 0], x0, x1), np.clip(arr[:, 1], y0, y1)], axis=1).reshape(-1)]
     try:
-        parts = CropTransform(x0, y0, x1 - x0, y1 - y0).apply_polygons([arr])
+        with np.errstate(all="ignore"):  # GEOS on extreme values (1e300): checked below
+            parts = CropTransform(x0, y0, x1 - x0, y1 - y0).apply_polygons([arr])
     except Exception:  # GEOS on extreme values: fall back to clamping
         return clamp
     res = []
