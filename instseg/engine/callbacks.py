@@ -198,6 +198,9 @@ class HousekeepingCheckpoint(ModelCheckpoint):
     ``last.ckpt``'s target and ``model_final.ckpt`` are never removed) and ``.tmp-*.ckpt`` files
     swept when a fit starts (rank 0).
 
+    Built on two private hooks of Lightning 2.6's ``ModelCheckpoint`` (``_link_checkpoint``,
+    ``_save_last_checkpoint``); tests/test_robust_engine.py fails if a Lightning update changes them.
+
     Args:
         dirpath: the folder (``OUTPUT_DIR``).
         every_n_train_steps: the period in iterations (``None``: no periodic checkpoint).
