@@ -18,6 +18,9 @@ setup(
         "timm>=0.9",
         "lightning>=2.1",
         "pycocotools>=2.0.7",
+        # Cityscapes labels, json2instanceImg and the official instance evaluation (2.3.0 runs on
+        # NumPy >= 2.4 through instseg/evaluation/cityscapes_compat.py)
+        "cityscapesscripts>=2.3",
         # clips polygons at a random crop (fvcore's CropTransform.apply_polygons, as Detectron2)
         "shapely>=2.0",
         "scipy>=1.10",

@@ -6,8 +6,12 @@ Importing this package registers the built-in names (cheap, nothing is read or g
   standard layout ``coco/annotations/instances_{train,val}2017.json``, ``coco/{train,val}2017/``;
 - ``smoke_shapes_train`` / ``smoke_shapes_val``: the synthetic smoke-test dataset, generated
   under ``$INSTSEG_DATASETS/smoke_shapes`` on first use.
+- ``cityscapes_fine_instance_seg_train`` / ``_val`` / ``_test`` under
+  ``$INSTSEG_DATASETS/cityscapes/{leftImg8bit,gtFine}/<split>/<city>/`` (Detectron2's names;
+  ``cityscapes`` module, evaluated with cityscapesscripts).
 
-Modules: ``catalog`` (registries), ``coco`` (COCO json), ``smoke`` (synthetic set), ``mapper``,
+Modules: ``catalog`` (registries), ``coco`` (COCO json), ``cityscapes`` (Cityscapes layout),
+``smoke`` (synthetic set), ``mapper``,
 ``transforms`` and ``polygons`` (one dict -> model input), ``dataset`` (dataset dicts, :class:`MapDataset`),
 ``samplers``, ``build`` (the loaders), ``classes`` (``MODEL.NUM_CLASSES`` resolution),
 ``validation`` (annotation and image-file checks, the dataset error classes, the up-front file
@@ -18,6 +22,14 @@ See ``datasets/README.md`` for the layout and for custom COCO-format data.
 from .build import build_test_loader, build_train_loader, trivial_batch_collator
 from .catalog import DatasetCatalog, Metadata, MetadataCatalog
 from .classes import resolve_num_classes
+from .cityscapes import (
+    CityscapesLabelError,
+    CityscapesLayoutError,
+    cityscapes_instance_metadata,
+    load_cityscapes_instances,
+    register_all_cityscapes,
+    register_cityscapes_instances,
+)
 from .coco import (
     COCO_CATEGORIES,
     datasets_root,
@@ -49,6 +61,12 @@ __all__ = [
     "read_coco_categories",
     "register_coco_instances",
     "register_all_coco",
+    "load_cityscapes_instances",
+    "register_cityscapes_instances",
+    "register_all_cityscapes",
+    "cityscapes_instance_metadata",
+    "CityscapesLayoutError",
+    "CityscapesLabelError",
     "datasets_root",
     "COCO_CATEGORIES",
     "DatasetMapper",
@@ -85,4 +103,5 @@ __all__ = [
 ]
 
 register_all_coco()
+register_all_cityscapes()
 register_smoke_dataset()

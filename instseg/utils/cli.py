@@ -36,7 +36,9 @@ def add_allow_partial_weights_argument(parser: argparse.ArgumentParser) -> argpa
 
 def add_dataset_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the repeatable ``--dataset NAME JSON_FILE IMAGE_ROOT`` flag (``args.dataset``: list of
-    ``[name, json_file, image_root]``, or ``None``)."""
+    ``[name, json_file, image_root]``, or ``None``) and its Cityscapes sibling, the repeatable
+    ``--cityscapes NAME IMAGE_DIR GT_DIR`` (``args.cityscapes``: a folder pair in Cityscapes layout,
+    e.g. ``.../leftImg8bit/val .../gtFine/val``, evaluated with cityscapesscripts)."""
     parser.add_argument(
         "--dataset",
         action="append",
@@ -44,6 +46,14 @@ def add_dataset_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"),
         help="register a COCO-format dataset under NAME before the config is read "
         "(repeatable), so that DATASETS.TRAIN/TEST can name it",
+    )
+    parser.add_argument(
+        "--cityscapes",
+        action="append",
+        nargs=3,
+        metavar=("NAME", "IMAGE_DIR", "GT_DIR"),
+        help="register a split in Cityscapes layout (IMAGE_DIR = leftImg8bit/<split>, GT_DIR = "
+        "gtFine/<split>, one folder per city) under NAME (repeatable); evaluated with cityscapesscripts",
     )
     return parser
 
@@ -84,18 +94,20 @@ def default_argument_parser(description: Optional[str] = None) -> argparse.Argum
 
 def register_cli_datasets(args: argparse.Namespace) -> List[str]:
     """Register every ``--dataset NAME JSON_FILE IMAGE_ROOT`` with
-    :func:`instseg.data.register_coco_instances`.
+    :func:`instseg.data.register_coco_instances`, then every ``--cityscapes NAME IMAGE_DIR GT_DIR``
+    with :func:`instseg.data.register_cityscapes_instances`.
 
     Returns:
         The registered names, in command-line order (``[]`` without ``--dataset``).
 
     Raises:
-        FileNotFoundError: a JSON_FILE or IMAGE_ROOT does not exist.
+        FileNotFoundError: a JSON_FILE, IMAGE_ROOT, IMAGE_DIR or GT_DIR does not exist.
     """
     entries = getattr(args, "dataset", None) or []
-    if not entries:
+    cityscapes = getattr(args, "cityscapes", None) or []
+    if not entries and not cityscapes:
         return []
-    from instseg.data import register_coco_instances  # lazy: keeps the CLI helper light
+    from instseg.data import register_cityscapes_instances, register_coco_instances  # lazy: keeps the CLI light
 
     names = []
     for name, json_file, image_root in entries:
@@ -104,5 +116,11 @@ def register_cli_datasets(args: argparse.Namespace) -> List[str]:
         if not os.path.isdir(image_root):
             raise FileNotFoundError(f"--dataset {name}: image root not found: {image_root}")
         register_coco_instances(name, json_file, image_root)
+        names.append(name)
+    for name, image_dir, gt_dir in cityscapes:
+        for what, folder in (("IMAGE_DIR", image_dir), ("GT_DIR", gt_dir)):
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"--cityscapes {name}: {what} not found: {folder}")
+        register_cityscapes_instances(name, image_dir, gt_dir)
         names.append(name)
     return names
