@@ -264,7 +264,7 @@ def is_complete_load(report: Mapping[str, list]) -> bool:
 
 def describe_load_report(report: Mapping[str, list], source: str, limit: int = 20) -> str:
     """Human-readable summary of a :func:`load_checkpoint` report: how many model tensors were
-    loaded and the names of the missing, unexpected and shape-mismatched ones (with both shapes).
+    loaded (BN ``num_batches_tracked`` counters not counted) and the names of the missing, unexpected and shape-mismatched ones (with both shapes).
 
     Args:
         report: the report of :func:`load_checkpoint` / :func:`load_state_dict_with_report`.
@@ -274,7 +274,8 @@ def describe_load_report(report: Mapping[str, list], source: str, limit: int = 2
     Returns:
         A multi-line string (no trailing newline).
     """
-    loaded, missing = report.get("loaded", []), report.get("missing", [])
+    loaded = [k for k in report.get("loaded", []) if not k.endswith("num_batches_tracked")]  # never counted
+    missing = report.get("missing", [])
     unexpected, skipped = report.get("unexpected", []), report.get("skipped_shape", [])
     shapes = report.get("shapes", {})
     total = len(loaded) + len(missing) + len(skipped)

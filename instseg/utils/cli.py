@@ -16,9 +16,10 @@ __all__ = ["default_argument_parser", "add_dataset_argument", "add_allow_partial
 
 #: ``parser.error`` text of the tools that train or evaluate when ``--config-file`` is missing.
 CONFIG_FILE_REQUIRED = (
-    "--config-file is required: without it the bare defaults would be used (a FrozenBN ResNet-50 "
-    "with random weights and no model head config), which cannot train or be evaluated. Pick one "
-    "under configs/, e.g. --config-file configs/sparseinst/R50_giam.yaml"
+    "--config-file is required: without it the bare defaults would be used (SparseInst on a "
+    "FrozenBN ResNet-50 with random weights: MODEL.WEIGHTS empty, MODEL.BACKBONE.PRETRAINED False; "
+    "frozen random BN statistics cannot train). Pick one under configs/, e.g. "
+    "--config-file configs/sparseinst/R50_giam.yaml"
 )
 
 
