@@ -112,3 +112,33 @@ def test_quickstart_reads_results_keyed_by_dataset_and_the_old_flat_form():
     assert results_by_dataset(metrics, "smoke_shapes_val") == {"smoke_shapes_val": metrics}  # old engine
     assert results_by_dataset({"segm": metrics}, "x") == {"segm": metrics}  # a dataset named "segm"
     assert results_by_dataset({}, "x") == {} and results_by_dataset(None, "x") == {}
+
+
+def test_quickstart_into_an_earlier_runs_folder_stops_before_writing_unless_overwrite(tmp_path, monkeypatch):
+    """A second quick start into the same OUTPUT_DIR is refused before anything is written (no
+    log.txt, no config); with --overwrite it goes on and train() is asked to replace the old run."""
+    import instseg.engine as engine
+    from instseg.engine.launch import OutputDirInUseError
+    from instseg.tools.quickstart import run
+
+    out = tmp_path / "qs"
+    out.mkdir()
+    (out / "model_final.ckpt").write_bytes(b"earlier run")
+    with pytest.raises(OutputDirInUseError, match="--overwrite"):
+        run(["OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "1"])
+    assert sorted(p.name for p in out.iterdir()) == ["model_final.ckpt"]
+
+    calls = {}
+
+    class _Stop(Exception):
+        pass
+
+    def fake_train(cfg, **kw):
+        calls.update(kw)
+        raise _Stop
+
+    monkeypatch.setattr(engine, "train", fake_train)
+    with pytest.raises(_Stop):
+        run(["--overwrite", "OUTPUT_DIR", str(out), "SOLVER.MAX_ITER", "1"])
+    assert calls == {"overwrite": True}
+    assert (out / "config.yaml").is_file()

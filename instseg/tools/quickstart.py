@@ -57,6 +57,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", nargs=3, metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"), help="COCO-format training set")
     p.add_argument("--val-dataset", nargs=3, metavar=("NAME", "JSON_FILE", "IMAGE_ROOT"), help="COCO-format test set")
     p.add_argument("--num-bench", type=int, default=20, help="timed iterations (after 5 warm-up ones)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoints of an earlier quick start in OUTPUT_DIR (refused otherwise)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p
 
@@ -89,10 +91,11 @@ def run(argv=None) -> Dict:
         opts = ["DATASETS.TRAIN", f"('{args.dataset[0]}',)", "DATASETS.TEST", f"('{test[0]}',)"] + opts
     cfg_args = argparse.Namespace(config_file=config_file, opts=opts, dataset=datasets or None)
     cfg = setup_cfg_from_args(cfg_args)
-    default_setup(cfg)
+    # a second quick start into the same OUTPUT_DIR stops before writing anything unless --overwrite
+    default_setup(cfg, argparse.Namespace(resume=False, overwrite=args.overwrite, config_file=config_file, opts=opts))
 
     # 1. train (the final evaluation of train() is step 2)
-    results = results_by_dataset(train(cfg), cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
+    results = results_by_dataset(train(cfg, overwrite=args.overwrite), cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
     weights = os.path.join(cfg.OUTPUT_DIR, "model_final.ckpt")
 
     # 3. timing on real test images, mapped as evaluation maps them, at the test size
