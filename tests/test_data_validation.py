@@ -323,8 +323,13 @@ def test_valid_entries_load_unchanged_and_keep_the_annotation_id(tmp_path):
     raw["images"][0]["height"] = float(H)  # 60.0 is accepted
     raw["annotations"].append({"id": 999, "image_id": 77, "category_id": 1, "bbox": [0, 0, 1, 1],
                                "segmentation": [[0, 0, 1, 0, 1, 1]]})  # unknown image: ignored
+    raw["annotations"][2]["segmentation"] = [[1, 2, 30, 2, 30, 40]]  # integers: converted to floats
+    raw["annotations"][3]["segmentation"][0][2] = W + 79.5  # outside the image, inside the margin: kept
     dicts = load_coco_json(_write(tmp_path, raw), str(root))
     assert [a["id"] for d in dicts for a in d["annotations"]] == [100, 101, 110, 111]
+    seg = dicts[1]["annotations"][0]["segmentation"]
+    assert seg == [[1.0, 2.0, 30.0, 2.0, 30.0, 40.0]] and all(type(v) is float for v in seg[0])
+    assert dicts[1]["annotations"][1]["segmentation"] == raw["annotations"][3]["segmentation"]
     assert dicts[0]["height"] == H and isinstance(dicts[0]["height"], int)
     assert dicts[0]["annotations"][0]["segmentation"] == raw["annotations"][0]["segmentation"]
     assert location("f.json", 1, "a.jpg", 2) == "f.json: image 1 (a.jpg) annotation 2"

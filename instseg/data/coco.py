@@ -159,7 +159,8 @@ def load_coco_json(json_file: str, image_root: str, dataset_name: Optional[str] 
         ``image_id``, ``height``, ``width`` (pixels), ``annotations``: list of
         ``{"id": the json's annotation id, "bbox": [x, y, w, h] float pixels, "bbox_mode":
         "XYWH_ABS", "category_id": int in 0..C-1 (contiguous, sorted json category ids),
-        "segmentation": list of polygons (each a flat ``[x0, y0, x1, y1, ...]`` float list) or
+        "segmentation": list of polygons (each a flat ``[x0, y0, x1, y1, ...]`` list of numbers:
+        the json's list when it holds floats, converted to floats when all are integers) or
         an RLE dict (compressed), "iscrowd": 0 | 1}``. Images without annotations are kept (the
         training loader filters them).
 
@@ -252,8 +253,10 @@ def load_coco_json(json_file: str, image_root: str, dataset_name: Optional[str] 
             continue
         ann_id, img_id = anno.get("id"), anno.get("image_id")
         rec = records.get(img_id) if _is_int(img_id) else None
-        loc = location(json_file, img_id, rec["_name"] if rec else None,
-                       ann_id if ann_id is not None else None, None if ann_id is not None else j)
+        def loc(img_id=img_id, rec=rec, ann_id=ann_id, j=j) -> str:  # built only for messages
+            return location(json_file, img_id, rec["_name"] if rec else None, ann_id,
+                            None if ann_id is not None else j)
+
         try:
             if not _is_int(ann_id):
                 raise Defect(f"annotation 'id' must be an integer, got {ann_id!r}")
@@ -277,7 +280,7 @@ def load_coco_json(json_file: str, image_root: str, dataset_name: Optional[str] 
             if rec is None:
                 counts["unknown_image"] += 1
                 if len(examples) < 5:
-                    examples.append(f"{loc}: image id not in the json's images (ignored)")
+                    examples.append(f"{loc()}: image id not in the json's images (ignored)")
                 continue
             h, w = rec["height"], rec["width"]
             bbox, bbox_clipped = check_bbox(anno["bbox"], h, w)
@@ -285,7 +288,7 @@ def load_coco_json(json_file: str, image_root: str, dataset_name: Optional[str] 
             if segm is None or (isinstance(segm, list) and len(segm) == 0):
                 counts["ann_no_segm"] += 1
                 if len(examples) < 5:
-                    examples.append(f"{loc}: no segmentation (dropped)")
+                    examples.append(f"{loc()}: no segmentation (dropped)")
                 continue
             if isinstance(segm, dict):
                 segm = check_rle(segm, h, w)
@@ -297,16 +300,16 @@ def load_coco_json(json_file: str, image_root: str, dataset_name: Optional[str] 
                 if not segm:
                     counts["ann_no_valid_poly"] += 1
                     if len(examples) < 5:
-                        examples.append(f"{loc}: no polygon with 3 or more points{' after clipping' if clipped else ''}"
+                        examples.append(f"{loc()}: no polygon with 3 or more points{' after clipping' if clipped else ''}"
                                         f" (of {n_before}; dropped)")
                     continue
             if clipped or bbox_clipped:
                 counts["clipped"] += 1
                 if len(examples) < 5:
-                    examples.append(f"{loc}: coordinates more than {coordinate_margin(h, w)} px (max(H, W)) "
+                    examples.append(f"{loc()}: coordinates more than {coordinate_margin(h, w)} px (max(H, W)) "
                                     "outside the image clipped")
         except Defect as e:
-            problem(f"{loc}: {e}", image_id=img_id, annotation_id=ann_id)
+            problem(f"{loc()}: {e}", image_id=img_id, annotation_id=ann_id)
             continue
         rec["annotations"].append({
             "id": ann_id,

@@ -97,7 +97,9 @@ def read_image(file_name: str) -> np.ndarray:
         img = None
     if img is None or img.ndim != 3 or img.shape[2] != 3 or img.size == 0:
         raise ImageDecodeError(f"{file_name}: cannot decode image (corrupt or not an image; OpenCV read nothing)")
-    return np.ascontiguousarray(img[:, :, ::-1])
+    # the channel swap as OpenCV's cvtColor: the same pixels as img[:, :, ::-1], contiguous, and
+    # several times faster than numpy's copy of the reversed view
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 _mapper_clip_warnings = [0]

@@ -27,6 +27,7 @@ take 21 GB or crash the process).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -130,15 +131,21 @@ class Defect(ValueError):
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+    t = type(v)
+    if t is int:
+        return True
+    return t is not bool and isinstance(v, (int, np.integer)) and not isinstance(v, np.bool_)
 
 
 def _numeric_array(values: Any, what: str) -> np.ndarray:
-    """``values`` as a 1-d float64 array; :class:`Defect` unless a flat list of numbers."""
-    if not isinstance(values, (list, tuple)):
+    """``values`` as a 1-d numeric (int or float) array; :class:`Defect` unless a flat list of
+    numbers."""
+    if type(values) is not list and not isinstance(values, (list, tuple)):
         raise Defect(f"{what} must be a list of numbers, got {type(values).__name__}")
     try:
         arr = np.asarray(values)
+        if arr.dtype.kind == "f" and arr.ndim == 1:  # the common case
+            return arr
     except (ValueError, TypeError):
         arr = None
     if arr is None or arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iuf"):
@@ -146,7 +153,7 @@ def _numeric_array(values: Any, what: str) -> np.ndarray:
         if bad is None:
             raise Defect(f"{what} must be a flat list of numbers, found an integer out of range")
         raise Defect(f"{what} must be a flat list of numbers, found {bad!r} ({type(bad).__name__})")
-    return arr.astype(np.float64, copy=False)
+    return arr
 
 
 def check_polygons(segm: Any, height: int, width: int) -> Tuple[List[List[float]], int, bool]:
@@ -166,45 +173,70 @@ def check_polygons(segm: Any, height: int, width: int) -> Tuple[List[List[float]
     """
     if not isinstance(segm, (list, tuple)):
         raise Defect(f"segmentation must be a list of polygons or an RLE dict, got {type(segm).__name__}")
-    arrays, dropped = [], 0
+    out: List[List[float]] = []
+    arrays: List[np.ndarray] = []
+    dropped = 0
+    # a conservative box inside the margin box: one min and one max per polygon decide the
+    # common case (NaN fails the comparisons and takes the exact path)
+    m = coordinate_margin(height, width)
+    lo_ok, hi_ok = -m, min(height, width) + m
+    exact = False
     for j, poly in enumerate(segm):
         arr = _numeric_array(poly, f"polygon {j}")
-        if not np.isfinite(arr).all():
-            bad = arr[~np.isfinite(arr)][0]
-            raise Defect(f"polygon {j} has a non-finite coordinate ({bad}); coordinates must be finite pixels")
+        if arr.size:
+            lo, hi = arr.min(), arr.max()
+            if not (lo >= lo_ok and hi <= hi_ok):
+                if not (math.isfinite(lo) and math.isfinite(hi)):
+                    bad = arr[~np.isfinite(arr)][0]
+                    raise Defect(f"polygon {j} has a non-finite coordinate ({bad}); coordinates must be finite pixels")
+                exact = True
         if arr.size % 2 or arr.size < 6:
             dropped += 1
             continue
+        if arr.dtype.kind == "f":
+            out.append(poly)
+        else:  # integers (or an empty list): floats, as the data contract says
+            arr = arr.astype(np.float64)
+            out.append(arr.tolist())
         arrays.append(arr)
+    if not exact:
+        return out, dropped, False
     clipped_arrays, clipped = clip_polygons_to_margin(arrays, height, width)
-    if clipped:
-        kept = [p for p in clipped_arrays if p.size >= 6]
-        dropped += len(arrays) - min(len(arrays), len(kept))
-        clipped_arrays = kept
-    return [p.tolist() for p in clipped_arrays], dropped, clipped
+    if not clipped:
+        return out, dropped, False
+    kept = [p for p in clipped_arrays if p.size >= 6]
+    dropped += max(0, len(arrays) - len(kept))
+    return [p.tolist() for p in kept], dropped, True
 
 
 def check_bbox(bbox: Any, height: int, width: int) -> Tuple[List[float], bool]:
-    """Validate an ``[x, y, w, h]`` box (pixels). Returns ``(bbox, clipped)``: clipped to the
-    margin box (module docstring) when it reaches beyond it.
+    """Validate an ``[x, y, w, h]`` box (pixels). Returns ``(bbox, clipped)``: floats, clipped
+    to the margin box (module docstring) when it reaches beyond it.
 
     Raises:
         Defect: not 4 numbers, a non-finite value, or a negative width/height.
     """
-    arr = _numeric_array(bbox, "bbox")
-    if arr.size != 4:
-        raise Defect(f"bbox must be [x, y, width, height], got {len(arr)} values")
-    if not np.isfinite(arr).all():
+    if not isinstance(bbox, (list, tuple)):
+        raise Defect(f"bbox must be a list of numbers, got {type(bbox).__name__}")
+    if len(bbox) != 4:
+        raise Defect(f"bbox must be [x, y, width, height], got {len(bbox)} values")
+    for v in bbox:
+        if type(v) is not float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise Defect(f"bbox must be a flat list of numbers, found {v!r} ({type(v).__name__})")
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except OverflowError:
+        raise Defect(f"bbox {list(bbox)} has a value out of range") from None
+    if not (math.isfinite(x) and math.isfinite(y) and math.isfinite(w) and math.isfinite(h)):
         raise Defect(f"bbox {list(bbox)} has a non-finite value")
-    x, y, w, h = (float(v) for v in arr)
     if w < 0 or h < 0:
         raise Defect(f"bbox {list(bbox)} has a negative width or height")
     m = coordinate_margin(height, width)
     x0, y0, x1, y1 = x, y, x + w, y + h
+    if x0 >= -m and y0 >= -m and x1 <= width + m and y1 <= height + m:
+        return [x, y, w, h], False
     cx0, cy0 = min(max(x0, -m), width + m), min(max(y0, -m), height + m)
     cx1, cy1 = min(max(x1, -m), width + m), min(max(y1, -m), height + m)
-    if (cx0, cy0, cx1, cy1) == (x0, y0, x1, y1):
-        return [x, y, w, h], False
     return [cx0, cy0, cx1 - cx0, cy1 - cy0], True
 
 
