@@ -466,3 +466,13 @@ def test_check_dataset_tool_reports_and_exits_non_zero(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
+    # --config-file: the config's DATASETS.TRAIN and TEST (named by --dataset)
+    cfg_file = tmp_path / "c.yaml"
+    name = f"_chk_cfg_{tmp_path.name}"
+    cfg_file.write_text(f'DATASETS:\n  TRAIN: ("{name}",)\n  TEST: ("{name}",)\n')
+    assert main(["--config-file", str(cfg_file), "--dataset", name, files_bad, str(root)]) == 1
+    out = capsys.readouterr().out
+    assert out.count(f"== {name}") == 1 and "1 problem(s) found" in out
+    cfg_file.write_text('DATASETS:\n  TRAIN: ("_never_registered",)\n')
+    assert main(["--config-file", str(cfg_file)]) == 1
+    assert "cannot set up the datasets: Dataset '_never_registered' is not registered" in capsys.readouterr().err

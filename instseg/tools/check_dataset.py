@@ -116,8 +116,8 @@ def run(argv=None) -> int:
             from instseg.utils.cli import register_cli_datasets
 
             names = register_cli_datasets(args)
-    except (DatasetError, FileNotFoundError) as e:  # e.g. invalid JSON while reading the classes
-        print(f"cannot set up the datasets: {e}", file=sys.stderr)
+    except (DatasetError, FileNotFoundError, KeyError) as e:  # invalid JSON, an unregistered name
+        print(f"cannot set up the datasets: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
         return 1
     if not names:
         p.error("no dataset to check (DATASETS.TRAIN and DATASETS.TEST are empty)")
