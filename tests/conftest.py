@@ -15,6 +15,23 @@ if str(REPO_ROOT) not in sys.path:  # run from anywhere without installing the p
     sys.path.insert(0, str(REPO_ROOT))
 
 
+@pytest.fixture(autouse=True)
+def _isolated_instseg_logger():
+    """Give every test the "instseg" logger as it was before: the tools' ``setup_logging`` adds
+    handlers (stdout, OUTPUT_DIR/log.txt) and turns propagation off, which would hide later tests'
+    log records from ``caplog`` and keep log files open."""
+    import logging
+
+    log = logging.getLogger("instseg")
+    handlers, propagate, level = list(log.handlers), log.propagate, log.level
+    yield
+    for h in [h for h in log.handlers if h not in handlers]:
+        log.removeHandler(h)
+        h.close()
+    log.handlers[:] = handlers
+    log.propagate, log.level = propagate, level
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``Path`` of ``../shared/data`` (relative to the repository root); skips when missing."""
