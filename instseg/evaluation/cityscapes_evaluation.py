@@ -181,14 +181,9 @@ class CityscapesInstanceEvaluator(DatasetEvaluator):
             FileNotFoundError: the ``_gtFine_instanceIds.png`` of a processed image is missing.
             RuntimeError: cityscapesscripts stopped with an error (it calls ``sys.exit``).
         """
-        if comm.get_world_size() > 1:
-            comm.synchronize()
-            gathered = comm.gather(self._predictions, dst=0)
-            if not comm.is_main_process():
-                return {}
-            predictions = [p for part in gathered for p in part]
-        else:
-            predictions = self._predictions
+        predictions = comm.gather_lists_to_main(self._predictions)
+        if predictions is None:  # not the main process
+            return {}
         if not predictions:
             logger.warning("CityscapesInstanceEvaluator: no image was processed; nothing to evaluate")
             return {}

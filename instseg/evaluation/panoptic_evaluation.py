@@ -180,13 +180,9 @@ class PanopticEvaluator(DatasetEvaluator):
         Raises:
             RuntimeError: the library raised (e.g. a segment with an unknown category).
         """
-        predictions = self._predictions
-        if comm.get_world_size() > 1:
-            comm.synchronize()
-            gathered = comm.gather(self._predictions, dst=0)
-            if not comm.is_main_process():
-                return {}
-            predictions = [p for part in gathered for p in part]
+        predictions = comm.gather_lists_to_main(self._predictions)
+        if predictions is None:  # not the main process
+            return {}
         if not predictions:
             logger.warning("PanopticEvaluator: no image was processed; nothing to evaluate")
             return {}

@@ -119,3 +119,19 @@ def gather(data: Any, dst: int = 0, group: Optional["dist.ProcessGroup"] = None)
         return output
     dist.gather_object(data, None, dst=dst, group=group)
     return []
+
+
+def gather_lists_to_main(items: List[Any]) -> Optional[List[Any]]:
+    """Concatenate every rank's list ``items`` (rank order) on the main process.
+
+    For evaluators that collect per-image predictions: synchronizes, gathers onto rank 0 and
+    flattens. Returns the concatenated list on rank 0 (``items`` itself when not distributed) and
+    ``None`` on the other ranks.
+    """
+    if get_world_size() == 1:
+        return items
+    synchronize()
+    gathered = gather(items, dst=0)
+    if not is_main_process():
+        return None
+    return [x for part in gathered for x in part]
