@@ -67,3 +67,18 @@ def add_fastinst_config(cfg) -> None:
     # (query, class) pairs by softmax score; masks = sigmoid > MASK_THRESHOLD; no NMS.
     # (MODEL.<NAME>.MASK_THRESHOLD in every model; the official key is TEST.MASK_THRESHOLD.)
     fi.MASK_THRESHOLD = 0.5
+
+    # Tasks at inference (official MODEL.FASTINST.TEST, Mask2Former's MODEL.MASK_FORMER.TEST keys
+    # and defaults; supplement App. C, Table V): instance (default), semantic and panoptic, any
+    # combination; docs/panoptic_semantic.md. Panoptic: queries kept whose top class is not "no
+    # object" and whose score is > OBJECT_MASK_THRESHOLD; a segment is dropped when the share of its
+    # mask (probability >= 0.5) that it wins is < OVERLAP_THRESHOLD. Semantic is computed at the
+    # padded input size and then resized, unless SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE (implied
+    # by INSTANCE_ON or PANOPTIC_ON, as in the official code).
+    fi.TEST = CN()
+    fi.TEST.SEMANTIC_ON = False
+    fi.TEST.INSTANCE_ON = True
+    fi.TEST.PANOPTIC_ON = False
+    fi.TEST.OBJECT_MASK_THRESHOLD = 0.8
+    fi.TEST.OVERLAP_THRESHOLD = 0.8
+    fi.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False

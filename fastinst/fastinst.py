@@ -14,6 +14,16 @@ then the shared dense post-processing (:func:`instseg.modeling.dense_masks_to_in
 logits bilinearly upsampled to the padded input, cropped, resized to the original image;
 mask = sigmoid > ``MODEL.FASTINST.MASK_THRESHOLD`` (0.5); score x mean mask probability inside
 the mask.
+
+Semantic and panoptic inference (supplement App. C, Table V; official ``semantic_inference`` /
+``panoptic_inference``, Mask2Former's rules): switched on by ``MODEL.FASTINST.TEST.SEMANTIC_ON`` /
+``PANOPTIC_ON`` (``INSTANCE_ON`` switches the instance outputs), computed by
+:func:`instseg.modeling.panoptic.query_segmentation_outputs`. With ``PANOPTIC_ON`` the thing
+classes come from the metadata of ``DATASETS.TRAIN[0]`` (else ``DATASETS.TEST[0]``) and the
+instance outputs keep only thing classes (official: the top-k pairs first, then the filter, so
+fewer than ``TEST.DETECTIONS_PER_IMAGE`` may remain). Training is the same for the three tasks:
+the targets are (class, mask) sets (semantic: one per class present; panoptic: one per stuff
+class and per thing instance), built by the dataset mapper (``INPUT.DATASET_MAPPER_NAME``).
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ from torch import nn
 from instseg.config import configurable
 from instseg.modeling import META_ARCH_REGISTRY, MetaArchBase, collect_targets, dense_masks_to_instances, select_top
 from instseg.modeling.backbone import build_backbone
+from instseg.modeling.panoptic import query_segmentation_outputs, thing_ids_from_metadata
 
 from .criterion import FastInstCriterion
 from .ppm_fpn import PPMFPN
@@ -80,6 +91,19 @@ class FastInst(MetaArchBase):
         criterion: :class:`fastinst.criterion.FastInstCriterion`.
         pixel_mean, pixel_std, size_divisibility, detections_per_image, mask_threshold:
             :class:`instseg.modeling.MetaArchBase` (mask threshold 0.5, official).
+        semantic_on, instance_on, panoptic_on: the outputs at inference (``MODEL.FASTINST.TEST.*``;
+            at least one). Eval-mode output dict: the instance keys when ``instance_on``, plus
+            ``"sem_seg"`` float ``(K, height, width)`` (class probability x mask probability summed
+            over queries) when ``semantic_on``, plus ``"panoptic_seg"`` int32 ``(height, width)``
+            (segment ids, 0 = void) and ``"segments_info"`` (``[{"id", "isthing",
+            "category_id"}]``, contiguous ids) when ``panoptic_on``.
+        object_mask_threshold, overlap_threshold: panoptic rules (0.8, 0.8; official defaults).
+        sem_seg_postprocess_before_inference: resize all query masks to the output size before
+            semantic inference (implied by instance_on or panoptic_on, as in the official code).
+        thing_ids: contiguous ids of the thing classes (needed by panoptic_on).
+
+    Raises:
+        ValueError: no task on; panoptic on without ``thing_ids``.
     """
 
     @configurable
@@ -94,11 +118,28 @@ class FastInst(MetaArchBase):
         size_divisibility: int = 32,
         detections_per_image: int = 100,
         mask_threshold: float = 0.5,
+        semantic_on: bool = False,
+        instance_on: bool = True,
+        panoptic_on: bool = False,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        sem_seg_postprocess_before_inference: bool = False,
+        thing_ids=None,
     ):
         super().__init__(pixel_mean, pixel_std, size_divisibility, detections_per_image, mask_threshold)
         self.backbone = backbone
         self.sem_seg_head = sem_seg_head
         self.criterion = criterion
+        if not (semantic_on or instance_on or panoptic_on):
+            raise ValueError("MODEL.FASTINST.TEST: SEMANTIC_ON, INSTANCE_ON and PANOPTIC_ON are all False; "
+                             "switch on at least one task")
+        if panoptic_on and thing_ids is None:
+            raise ValueError("MODEL.FASTINST.TEST.PANOPTIC_ON needs the thing classes (thing_ids)")
+        self.semantic_on, self.instance_on, self.panoptic_on = bool(semantic_on), bool(instance_on), bool(panoptic_on)
+        self.object_mask_threshold = float(object_mask_threshold)
+        self.overlap_threshold = float(overlap_threshold)
+        self.sem_seg_postprocess_before_inference = bool(sem_seg_postprocess_before_inference or instance_on or panoptic_on)
+        self.thing_ids = None if thing_ids is None else [int(t) for t in thing_ids]
 
     @classmethod
     def from_config(cls, cfg) -> Dict:
@@ -106,13 +147,33 @@ class FastInst(MetaArchBase):
             raise ValueError(f"MODEL.NUM_CLASSES must be >= 1, got {cfg.MODEL.NUM_CLASSES} (-1 is resolved by the tools)")
         backbone = build_backbone(cfg)
         criterion = FastInstCriterion.from_config(cfg)
+        test = cfg.MODEL.FASTINST.TEST
+        thing_ids = None
+        if test.PANOPTIC_ON:
+            names = list(cfg.DATASETS.TRAIN) or list(cfg.DATASETS.TEST)
+            if not names:
+                raise ValueError("MODEL.FASTINST.TEST.PANOPTIC_ON needs a panoptic dataset in DATASETS.TRAIN or "
+                                 "DATASETS.TEST (its metadata says which classes are things)")
+            thing_ids = thing_ids_from_metadata(names[0])
         return {
             **cls.base_config(cfg),
             "backbone": backbone,
             "sem_seg_head": FastInstHead.from_config(cfg, backbone.output_shape(), criterion),
             "criterion": criterion,
             "mask_threshold": cfg.MODEL.FASTINST.MASK_THRESHOLD,
+            "semantic_on": test.SEMANTIC_ON,
+            "instance_on": test.INSTANCE_ON,
+            "panoptic_on": test.PANOPTIC_ON,
+            "object_mask_threshold": test.OBJECT_MASK_THRESHOLD,
+            "overlap_threshold": test.OVERLAP_THRESHOLD,
+            "sem_seg_postprocess_before_inference": test.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE,
+            "thing_ids": thing_ids,
         }
+
+    @property
+    def output_tasks(self):
+        return tuple(t for t, on in (("instances", self.instance_on), ("sem_seg", self.semantic_on),
+                                     ("panoptic_seg", self.panoptic_on)) if on)
 
     def flops_forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Network only (no pre/post-processing): normalized ``(B, 3, H, W)`` -> decoder outputs."""
@@ -161,9 +222,20 @@ class FastInst(MetaArchBase):
         results = []
         for i, x in enumerate(batched_inputs):
             out_h, out_w = int(x.get("height", image_sizes[i][0])), int(x.get("width", image_sizes[i][1]))
+            seg = query_segmentation_outputs(
+                outputs["pred_logits"][i], mask_logits[i], padded_size, image_sizes[i], (out_h, out_w),
+                semantic_on=self.semantic_on, panoptic_on=self.panoptic_on,
+                postprocess_before_inference=self.sem_seg_postprocess_before_inference, thing_ids=self.thing_ids,
+                object_mask_threshold=self.object_mask_threshold, overlap_threshold=self.overlap_threshold)
+            if not self.instance_on:
+                results.append(seg)
+                continue
             scores, idx = select_top(probs[i], self.detections_per_image)
             labels = idx % k
             queries = torch.div(idx, k, rounding_mode="floor")
+            if self.panoptic_on:  # official: only thing classes among the top-k pairs
+                keep = torch.isin(labels, torch.tensor(self.thing_ids, device=labels.device))
+                scores, labels, queries = scores[keep], labels[keep], queries[keep]
             # upsample each selected query once, even when it is kept with several classes
             uniq, inverse = torch.unique(queries, return_inverse=True)
             duplicates = uniq.numel() < queries.numel()
@@ -172,4 +244,5 @@ class FastInst(MetaArchBase):
                 (out_h, out_w), mask_threshold=self.mask_threshold, maps_are_logits=True, rescore_with_mask=True,
                 index=inverse if duplicates else None,
             ))
+            results[-1].update(seg)
         return results

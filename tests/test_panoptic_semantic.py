@@ -1,9 +1,11 @@
-"""Semantic / panoptic inference (Mask2Former's rules) and the mIoU and PQ evaluators (issue 13, part 1).
+"""Semantic / panoptic inference (Mask2Former's rules), the mIoU and PQ evaluators, FastInst's task switches
+and the engine's choice of evaluators (issue 13).
 
 Pure logic on hand-made tensors and tiny hand-made label maps; no shared data needed.
 """
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from instseg.evaluation import PanopticEvaluator, SemSegEvaluator, semseg_metric
 from instseg.evaluation.panoptic_evaluation import id2rgb, pq_average_safe
 from instseg.modeling.panoptic import panoptic_inference, semantic_inference
 
+REPO = Path(__file__).resolve().parents[1]
 BIG = 20.0  # logit magnitude: softmax / sigmoid saturate to ~1 / ~0
 
 
@@ -305,3 +308,138 @@ def test_panoptic_inference_output_feeds_the_evaluator(tmp_path):
     ev.process([{"image_id": "img1"}], [{"panoptic_seg": panoptic_inference(cls, masks, {0})}])
     m = ev.evaluate()["panoptic_seg"]
     assert m["PQ-car"] == pytest.approx(100.0) and m["PQ-road"] == pytest.approx(100.0)
+
+
+# --------------------------------------------------------------------------- model wiring
+from instseg.modeling.panoptic import query_segmentation_outputs  # noqa: E402
+
+
+def test_query_outputs_resize_then_infer_and_semantic_order():
+    """Panoptic / semantic run on masks upsampled to the padded size, cropped to the image and
+    resized to the output size (sem_seg_postprocess); semantic-only infers at the padded size and
+    resizes the class map (Mask2Former's SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE False)."""
+    torch.manual_seed(0)
+    cls = torch.randn(4, 3)  # 2 classes + no object
+    low = torch.randn(4, 6, 8)  # stride 4 of a padded 24 x 32 input
+    padded, image, out = (24, 32), (20, 30), (40, 60)
+    up = torch.nn.functional.interpolate(low[:, None], size=padded, mode="bilinear", align_corners=False)
+    crop = up[:, :, :20, :30]
+    final = torch.nn.functional.interpolate(crop, size=out, mode="bilinear", align_corners=False)[:, 0]
+    before = query_segmentation_outputs(cls, low, padded, image, out, semantic_on=True, panoptic_on=True,
+                                        postprocess_before_inference=True, thing_ids=[1],
+                                        object_mask_threshold=0.0, overlap_threshold=0.0)
+    assert torch.allclose(before["sem_seg"], semantic_inference(cls, final), atol=1e-6)
+    seg, info = panoptic_inference(cls, final, [1], 0.0, 0.0)
+    assert torch.equal(before["panoptic_seg"], seg) and before["segments_info"] == info
+    assert before["sem_seg"].shape == (2, 40, 60) and before["panoptic_seg"].dtype == torch.int32
+    after = query_segmentation_outputs(cls, low, padded, image, out, semantic_on=True, panoptic_on=False,
+                                       postprocess_before_inference=False)
+    sem_padded = semantic_inference(cls, up[:, 0])[:, None]  # (C, 1, 24, 32)
+    expect = torch.nn.functional.interpolate(sem_padded[:, :, :20, :30], size=out, mode="bilinear",
+                                             align_corners=False)[:, 0]
+    assert set(after) == {"sem_seg"} and torch.allclose(after["sem_seg"], expect, atol=1e-6)
+    assert not torch.allclose(after["sem_seg"], before["sem_seg"], atol=1e-3)  # the order matters
+    with pytest.raises(ValueError, match="postprocess_before_inference must be True"):
+        query_segmentation_outputs(cls, low, padded, image, out, semantic_on=False, panoptic_on=True,
+                                   postprocess_before_inference=False, thing_ids=[1])
+    with pytest.raises(ValueError, match="needs thing_ids"):
+        query_segmentation_outputs(cls, low, padded, image, out, semantic_on=False, panoptic_on=True,
+                                   postprocess_before_inference=True)
+
+
+def _toy_panoptic_dataset(name):
+    from instseg.data import DatasetCatalog, MetadataCatalog
+
+    if name not in DatasetCatalog:
+        DatasetCatalog.register(name, lambda: [])
+    MetadataCatalog.get(name).set(thing_dataset_id_to_contiguous_id={5: 1, 6: 2},
+                                  stuff_dataset_id_to_contiguous_id={1: 0})
+
+
+def _fastinst(opts):
+    import fastinst  # noqa: F401
+    from instseg.config import setup_cfg
+    from instseg.modeling import build_model
+
+    cfg = setup_cfg(str(REPO / "configs" / "fastinst" / "R50_D1_576.yaml"), [
+        "MODEL.NUM_CLASSES", "3", "MODEL.DEVICE", "cpu", "MODEL.RESNETS.NORM", "BN",
+        "MODEL.FASTINST.NUM_OBJECT_QUERIES", "4", "TEST.DETECTIONS_PER_IMAGE", "6", *opts])
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def test_fastinst_tasks_outputs_and_thing_only_instances(monkeypatch):
+    """Hand-made decoder outputs through FastInst.inference with the three tasks on: the
+    panoptic map has the known winners, the semantic map is class x mask summed, and the instance
+    outputs keep only thing classes (official: top-k pairs, then the thing filter)."""
+    _toy_panoptic_dataset("test_toy_panoptic")
+    on = ["DATASETS.TRAIN", "('test_toy_panoptic',)", "MODEL.FASTINST.TEST.PANOPTIC_ON", "True",
+          "MODEL.FASTINST.TEST.SEMANTIC_ON", "True"]
+    model = _fastinst(on)
+    assert model.output_tasks == ("instances", "sem_seg", "panoptic_seg") and model.thing_ids == [1, 2]
+    logits = torch.stack([_cls(3, 0), _cls(3, 1), _cls(3, 2, score=0.5), _cls(3, 3)])[None]  # stuff, thing, weak, none
+    masks = torch.full((1, 4, 8, 8), -BIG)
+    masks[0, 0, :, :4] = BIG  # stuff: left half
+    masks[0, 1, :, 4:] = BIG  # thing: right half
+    masks[0, 2, :4, 4:] = BIG  # weak thing (score 0.5 < 0.8): not in the panoptic map
+    res = model.inference({"pred_logits": logits, "pred_masks": masks}, [{"height": 32, "width": 32}],
+                          [(32, 32)], (32, 32))[0]
+    pan, info = res["panoptic_seg"], res["segments_info"]
+    assert pan.shape == (32, 32) and pan.dtype == torch.int32
+    assert [(s["category_id"], s["isthing"]) for s in info] == [(0, False), (1, True)]
+    assert (pan[:, :14] == info[0]["id"]).all() and (pan[:, 18:] == info[1]["id"]).all()
+    assert res["sem_seg"].shape == (3, 32, 32) and res["sem_seg"][:, 0, 0].argmax() == 0
+    assert res["sem_seg"][:, 30, 30].argmax() == 1
+    assert set(res["labels"].tolist()) <= {1, 2} and len(res["labels"]) < 6  # stuff pairs dropped
+    # instance-only (default): the instance keys alone, the stuff class kept
+    plain = _fastinst([])
+    assert plain.output_tasks == ("instances",)
+    res0 = plain.inference({"pred_logits": logits, "pred_masks": masks}, [{"height": 32, "width": 32}],
+                           [(32, 32)], (32, 32))[0]
+    assert set(res0) == {"scores", "labels", "masks", "boxes"} and len(res0["labels"]) == 6
+    assert 0 in res0["labels"].tolist()
+    # semantic only
+    sem = _fastinst(["MODEL.FASTINST.TEST.SEMANTIC_ON", "True", "MODEL.FASTINST.TEST.INSTANCE_ON", "False"])
+    res1 = sem.inference({"pred_logits": logits, "pred_masks": masks}, [{"height": 32, "width": 32}],
+                         [(32, 32)], (32, 32))[0]
+    assert set(res1) == {"sem_seg"} and not sem.sem_seg_postprocess_before_inference
+
+
+def test_fastinst_task_switch_errors():
+    with pytest.raises(ValueError, match="all False"):
+        _fastinst(["MODEL.FASTINST.TEST.INSTANCE_ON", "False"])
+    _toy_panoptic_dataset("test_toy_panoptic")
+    from instseg.data import DatasetCatalog
+
+    if "test_toy_no_things" not in DatasetCatalog:
+        DatasetCatalog.register("test_toy_no_things", lambda: [])
+    with pytest.raises(ValueError, match="test_toy_no_things.*thing_dataset_id_to_contiguous_id"):
+        _fastinst(["DATASETS.TRAIN", "('test_toy_no_things',)", "MODEL.FASTINST.TEST.PANOPTIC_ON", "True"])
+
+
+def test_engine_picks_evaluators_from_dataset_type_and_model_tasks(tmp_path):
+    import types
+
+    from instseg.config import get_cfg
+    from instseg.data import DatasetCatalog, MetadataCatalog
+    from instseg.engine.module import InstSegModule
+    from instseg.evaluation import DatasetEvaluators
+
+    gt_json, gt_folder = _panoptic_case(tmp_path)[:2]
+    for name, etype in (("test_toy_pan_eval", "cityscapes_panoptic_seg"), ("test_toy_sem_eval", "cityscapes_sem_seg")):
+        if name not in DatasetCatalog:
+            DatasetCatalog.register(name, lambda: [])
+        MetadataCatalog.get(name).set(evaluator_type=etype, panoptic_json=str(gt_json), panoptic_root=str(gt_folder),
+                                      stuff_classes=["a", "b", "c"], ignore_label=255)
+    cfg = get_cfg()
+
+    def fake(tasks):
+        return types.SimpleNamespace(cfg=cfg, per_category=False, model=types.SimpleNamespace(output_tasks=tasks))
+
+    assert isinstance(InstSegModule._make_evaluator(fake(("panoptic_seg",)), "test_toy_pan_eval"), PanopticEvaluator)
+    both = InstSegModule._make_evaluator(fake(("sem_seg", "panoptic_seg")), "test_toy_pan_eval")
+    assert isinstance(both, DatasetEvaluators)
+    assert [type(e) for e in both._evaluators] == [PanopticEvaluator, SemSegEvaluator]
+    assert isinstance(InstSegModule._make_evaluator(fake(("sem_seg",)), "test_toy_sem_eval"), SemSegEvaluator)
+    with pytest.raises(ValueError, match="test_toy_sem_eval.*cityscapes_sem_seg.*outputs \\['instances'\\]"):
+        InstSegModule._make_evaluator(fake(("instances",)), "test_toy_sem_eval")

@@ -40,6 +40,16 @@ def dataset_output_dir(output_dir: str, dataset_name: str) -> str:
     return os.path.join(output_dir, "inference", safe)
 
 
+def _coco_evaluator(cfg, meta, out_dir, per_category: bool):
+    """:class:`COCOEvaluator` on a dataset's ``json_file`` (contiguous ids mapped back by its metadata)."""
+    from ..evaluation import COCOEvaluator
+
+    mapping = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
+    inv = {v: k for k, v in mapping.items()} if mapping else None
+    return COCOEvaluator(meta.json_file, output_dir=out_dir, contiguous_to_dataset_id=inv,
+                         per_category=per_category, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+
+
 class InstSegModule(L.LightningModule):
     """Trains ``build_model(cfg)`` (the model returns a dict of weighted losses in training mode)
     and evaluates it with the COCO evaluator on every dataset of ``DATASETS.TEST``.
@@ -181,30 +191,76 @@ class InstSegModule(L.LightningModule):
         return list(self.cfg.DATASETS.TEST)
 
     def _make_evaluator(self, name: str):
-        """The dataset's evaluator by its metadata's ``evaluator_type``: ``"cityscapes_instance"``
-        -> :class:`CityscapesInstanceEvaluator` (cityscapesscripts); otherwise (``"coco"``) the
-        :class:`COCOEvaluator` on the dataset's ``json_file``."""
+        """The dataset's evaluators, by its metadata's ``evaluator_type`` and the model's
+        :attr:`~instseg.modeling.MetaArchBase.output_tasks` (as Detectron2's / Mask2Former's
+        ``train_net.build_evaluator``):
+
+        * ``"cityscapes_instance"`` -> :class:`CityscapesInstanceEvaluator` (cityscapesscripts);
+        * ``"cityscapes_sem_seg"`` / ``"sem_seg"`` -> :class:`SemSegEvaluator` (mIoU);
+        * ``"cityscapes_panoptic_seg"`` / ``"coco_panoptic_seg"`` -> :class:`PanopticEvaluator` (PQ)
+          for ``"panoptic_seg"`` outputs, :class:`SemSegEvaluator` for ``"sem_seg"`` outputs (when
+          the dataset has semantic ground truth: ``ignore_label`` metadata), and for instance
+          outputs :class:`CityscapesInstanceEvaluator` (Cityscapes) or :class:`COCOEvaluator` (when
+          the metadata has a ``json_file`` with instances);
+        * otherwise (``"coco"``) :class:`COCOEvaluator` on the dataset's ``json_file``.
+
+        Raises:
+            ValueError: the model produces none of the outputs the dataset is evaluated on (the
+                message names the dataset, its type and the model's outputs).
+        """
         from ..data import MetadataCatalog
-        from ..evaluation import COCOEvaluator
+        from ..evaluation import DatasetEvaluators
 
         meta = MetadataCatalog.get(name)
-        if getattr(meta, "evaluator_type", None) == "cityscapes_instance":
-            from ..evaluation import CityscapesInstanceEvaluator
+        etype = getattr(meta, "evaluator_type", None) or "coco"
+        tasks = tuple(getattr(getattr(self, "model", None), "output_tasks", ("instances",)))
+        out_dir = dataset_output_dir(self.cfg.OUTPUT_DIR, name)
+        evaluators = []
 
-            return CityscapesInstanceEvaluator(
-                name,
-                output_dir=dataset_output_dir(self.cfg.OUTPUT_DIR, name),
-                max_dets_per_image=self.cfg.TEST.DETECTIONS_PER_IMAGE,
-            )
-        mapping = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
-        inv = {v: k for k, v in mapping.items()} if mapping else None
-        return COCOEvaluator(
-            meta.json_file,
-            output_dir=dataset_output_dir(self.cfg.OUTPUT_DIR, name),
-            contiguous_to_dataset_id=inv,
-            per_category=self.per_category,
-            max_dets_per_image=self.cfg.TEST.DETECTIONS_PER_IMAGE,
-        )
+        def sem_seg():
+            from ..evaluation import SemSegEvaluator
+
+            classes = list(meta.stuff_classes)
+            return SemSegEvaluator(len(classes), classes, ignore_label=int(meta.get("ignore_label", 255)),
+                                   output_dir=out_dir)
+
+        if etype in ("cityscapes_sem_seg", "sem_seg"):
+            if "sem_seg" in tasks:
+                evaluators.append(sem_seg())
+        elif etype in ("cityscapes_panoptic_seg", "coco_panoptic_seg"):
+            if "panoptic_seg" in tasks:
+                from ..evaluation import PanopticEvaluator
+
+                contiguous = {**dict(meta.get("stuff_dataset_id_to_contiguous_id") or {}),
+                              **dict(meta.get("thing_dataset_id_to_contiguous_id") or {})}
+                by_contiguous = {int(c): int(d) for d, c in contiguous.items()}
+                category_ids = [by_contiguous[c] for c in sorted(by_contiguous)] if by_contiguous else None
+                evaluators.append(PanopticEvaluator(meta.panoptic_json, meta.panoptic_root,
+                                                    category_ids=category_ids, output_dir=out_dir))
+            if "sem_seg" in tasks and meta.has("ignore_label") and meta.has("stuff_classes"):
+                evaluators.append(sem_seg())
+            if "instances" in tasks:
+                if etype == "cityscapes_panoptic_seg" and meta.has("gt_dir"):
+                    from ..evaluation import CityscapesInstanceEvaluator
+
+                    evaluators.append(CityscapesInstanceEvaluator(
+                        name, output_dir=out_dir, max_dets_per_image=self.cfg.TEST.DETECTIONS_PER_IMAGE))
+                elif meta.has("json_file"):
+                    evaluators.append(_coco_evaluator(self.cfg, meta, out_dir, self.per_category))
+        elif "instances" in tasks:
+            if etype == "cityscapes_instance":
+                from ..evaluation import CityscapesInstanceEvaluator
+
+                evaluators.append(CityscapesInstanceEvaluator(
+                    name, output_dir=out_dir, max_dets_per_image=self.cfg.TEST.DETECTIONS_PER_IMAGE))
+            else:
+                evaluators.append(_coco_evaluator(self.cfg, meta, out_dir, self.per_category))
+        if not evaluators:
+            raise ValueError(
+                f"test dataset {name!r} (evaluator_type {etype!r}) is not evaluated on any output of the model "
+                f"(it outputs {list(tasks)}): switch the task on (e.g. MODEL.FASTINST.TEST.PANOPTIC_ON / "
+                "SEMANTIC_ON / INSTANCE_ON) or test on a dataset of that task")
+        return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
     def evaluator(self, name: str):
         """The evaluator of test dataset ``name``, built on first use and kept (COCO json read once)."""
@@ -219,7 +275,8 @@ class InstSegModule(L.LightningModule):
     def validation_step(self, batch: List[Dict], batch_idx: int, dataloader_idx: int = 0):
         outputs = self.model(batch)
         name = self.test_dataset_names[dataloader_idx]
-        self.evaluator(name).process(batch, [{k: v.cpu() for k, v in o.items()} for o in outputs])
+        self.evaluator(name).process(
+            batch, [{k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in o.items()} for o in outputs])
 
     def on_validation_epoch_end(self):
         results: Dict = {}

@@ -116,6 +116,14 @@ class MetaArchBase(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    @property
+    def output_tasks(self) -> Tuple[str, ...]:
+        """What each eval-mode output dict holds (docs/architecture.md, "Data contract"):
+        ``"instances"`` (``scores``, ``labels``, ``masks``, ``boxes``), ``"sem_seg"`` (``(C, H, W)``
+        float) and / or ``"panoptic_seg"`` (``(H, W)`` int32 ids plus ``"segments_info"``). The
+        engine picks the evaluators of a test set from it. Instance segmentation by default."""
+        return ("instances",)
+
     def preprocess_images(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """Normalize ``uint8 (3, H, W)`` RGB images and pad them into ``(B, 3, Hp, Wp)`` float32."""
         images = []
