@@ -90,6 +90,13 @@ _C.INPUT.CROP.TYPE = "absolute_range"
 _C.INPUT.CROP.SIZE = [384, 600]
 _C.INPUT.CROP.PROB = 0.5
 _C.INPUT.CROP.RESIZE_SHORT = [400, 500, 600]
+# Semantic / panoptic mappers only (Detectron2's RandomCrop_CategoryAreaConstraint): a crop is
+# redrawn (up to 10 times) until no class other than the ignore label covers this fraction of it
+# or more; 1.0 = plain crop. The instance mapper ignores it.
+_C.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+# The mapper of the loaders (instseg.data.build_mapper): "instance" (DatasetMapper),
+# "mask_former_semantic" (SemanticDatasetMapper), "mask_former_panoptic" (PanopticDatasetMapper).
+_C.INPUT.DATASET_MAPPER_NAME = "instance"
 
 # ---------------------------------------------------------------------------- #
 # Datasets and loader

@@ -25,7 +25,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from .classes import _check_same_classes
 from .dataset import MapDataset, get_dataset_dicts
-from .mapper import DatasetMapper
+from .seg_mapper import build_mapper
 from .samplers import GroupedBatchSampler, InferenceSampler, InfiniteBatchSampler, TrainingSampler, _PositionSeededBatchSampler
 from .validation import check_dataset_files, resolve_check_files
 
@@ -91,7 +91,8 @@ def build_train_loader(
         rank, world_size: this process's shard of the index stream.
         start_iter: number of iterations already done (resume): the loader continues the
             uninterrupted index stream from batch ``start_iter``.
-        mapper: replaces ``DatasetMapper(cfg, is_train=True)``.
+        mapper: replaces ``build_mapper(cfg, is_train=True)`` (``INPUT.DATASET_MAPPER_NAME``;
+            default :class:`DatasetMapper`).
         seed: seed of the index stream (same on all ranks); default ``cfg.SEED``, or
             :data:`DEFAULT_SAMPLER_SEED` when ``cfg.SEED < 0``.
 
@@ -132,7 +133,7 @@ def build_train_loader(
     else:
         batch_sampler = InfiniteBatchSampler(sampler, batch_size, start_iter)
     batch_sampler = _PositionSeededBatchSampler(batch_sampler, seed, rank, start_iter)
-    dataset = MapDataset(dicts, mapper if mapper is not None else DatasetMapper(cfg, is_train=True))
+    dataset = MapDataset(dicts, mapper if mapper is not None else build_mapper(cfg, is_train=True))
     g = torch.Generator()
     g.manual_seed((int(seed) * 1_000_003 + int(rank) * 10_007 + int(start_iter)) % 2**63)
     num_workers = int(cfg.DATALOADER.NUM_WORKERS)
@@ -166,7 +167,7 @@ def build_test_loader(
         dataset_name: a registered dataset (images without instances are kept).
         rank, world_size: this process's contiguous shard (:class:`InferenceSampler`).
         batch_size: images per batch (the last batch may be smaller).
-        mapper: replaces ``DatasetMapper(cfg, is_train=False)``.
+        mapper: replaces ``build_mapper(cfg, is_train=False)`` (``INPUT.DATASET_MAPPER_NAME``).
 
     Returns:
         A ``DataLoader`` (with ``len()``) yielding lists of mapped dicts without ``"instances"``.
@@ -184,7 +185,7 @@ def build_test_loader(
     dicts = get_dataset_dicts([dataset_name], filter_empty=False)
     maybe_check_files(cfg, dicts, [dataset_name])
     sampler = InferenceSampler(len(dicts), rank=rank, world_size=world_size)
-    dataset = MapDataset(dicts, mapper if mapper is not None else DatasetMapper(cfg, is_train=False))
+    dataset = MapDataset(dicts, mapper if mapper is not None else build_mapper(cfg, is_train=False))
     return DataLoader(
         dataset,
         batch_sampler=BatchSampler(sampler, batch_size, drop_last=False),

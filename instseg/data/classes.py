@@ -1,4 +1,5 @@
-"""``MODEL.NUM_CLASSES`` resolution from the datasets' ``thing_classes``."""
+"""``MODEL.NUM_CLASSES`` resolution from the datasets' ``thing_classes`` (semantic / panoptic
+datasets: ``stuff_classes``)."""
 from __future__ import annotations
 
 import logging
@@ -11,21 +12,39 @@ __all__ = ["resolve_num_classes"]
 logger = logging.getLogger(__name__)
 
 
-def _num_classes_of(name: str) -> int:
+#: ``evaluator_type`` values of the semantic / panoptic datasets, whose classes are ``stuff_classes``
+#: (Cityscapes: the 19 train classes; COCO panoptic: all 133 categories).
+SEGMENTATION_EVALUATOR_TYPES = ("sem_seg", "cityscapes_sem_seg", "cityscapes_panoptic_seg", "coco_panoptic_seg")
+
+
+def _class_key(meta) -> str:
+    """``"stuff_classes"`` for a semantic / panoptic dataset that has them, else ``"thing_classes"``."""
+    if meta.has("stuff_classes") and meta.get("evaluator_type") in SEGMENTATION_EVALUATOR_TYPES:
+        return "stuff_classes"
+    return "thing_classes"
+
+
+def _classes_of(name: str):
     if name not in DatasetCatalog:
         raise KeyError(
             f"Dataset {name!r} is not registered. Registered datasets: {', '.join(DatasetCatalog.list())}"
         )
     meta = MetadataCatalog.get(name)
-    if not meta.has("thing_classes"):
+    key = _class_key(meta)
+    if not meta.has(key):
         DatasetCatalog.get(name)  # a COCO loader sets the metadata
-    classes = meta.get("thing_classes")
+        key = _class_key(meta)
+    classes = meta.get(key)
     if classes is None:
         raise ValueError(
             f"Dataset {name!r} has no 'thing_classes' in its metadata: cannot infer the number of "
             "classes; set MODEL.NUM_CLASSES"
         )
-    return len(classes)
+    return classes
+
+
+def _num_classes_of(name: str) -> int:
+    return len(_classes_of(name))
 
 
 def _check_same_classes(names: Sequence[str]) -> None:
@@ -38,14 +57,16 @@ def _check_same_classes(names: Sequence[str]) -> None:
             "The training datasets have different numbers of classes: "
             + ", ".join(f"{n!r}: {c}" for n, c in counts.items())
         )
-    first = MetadataCatalog.get(names[0]).thing_classes
+    first = list(_classes_of(names[0]))
     for n in names[1:]:
-        if MetadataCatalog.get(n).thing_classes != first:
+        if list(_classes_of(n)) != first:
             logger.warning("Datasets %r and %r have different class names", names[0], n)
 
 
 def resolve_num_classes(cfg) -> int:
-    """Check or fill ``MODEL.NUM_CLASSES`` from the datasets' ``thing_classes``.
+    """Check or fill ``MODEL.NUM_CLASSES`` from the datasets' ``thing_classes`` (for a dataset
+    whose ``evaluator_type`` is semantic or panoptic, :data:`SEGMENTATION_EVALUATOR_TYPES`, and
+    that has ``stuff_classes``: ``len(stuff_classes)``, e.g. 19 for Cityscapes, 133 for COCO panoptic).
 
     The reference dataset is the first of ``DATASETS.TRAIN`` (else of ``DATASETS.TEST``); all
     training datasets must have the same number of classes. ``MODEL.NUM_CLASSES == -1`` is set
@@ -79,10 +100,10 @@ def resolve_num_classes(cfg) -> int:
         # without loading them).
         for name in cfg.DATASETS.TEST:
             meta = MetadataCatalog.get(name)
-            if name not in DatasetCatalog or not meta.has("thing_classes"):
+            if name not in DatasetCatalog or not meta.has(_class_key(meta)):
                 continue
             try:
-                n_test = len(meta.thing_classes)
+                n_test = len(meta.get(_class_key(meta)))
             except FileNotFoundError:
                 continue
             if n_test != n_data:

@@ -55,7 +55,14 @@ class MapDataset(Dataset):
 
 
 def _has_instances(d: dict) -> bool:
-    return any(not a.get("iscrowd", 0) for a in d.get("annotations", []))
+    """Whether the training loader keeps ``d``: a non-crowd annotation; without ``annotations``, a
+    non-crowd panoptic segment (``segments_info``); a semantic dict (``sem_seg_file_name``, no
+    ``annotations`` nor ``segments_info``) is always kept."""
+    if "annotations" in d:
+        return any(not a.get("iscrowd", 0) for a in d["annotations"])
+    if "segments_info" in d:
+        return any(not s.get("iscrowd", 0) for s in d["segments_info"])
+    return "sem_seg_file_name" in d
 
 
 def get_dataset_dicts(names: Sequence[str], filter_empty: bool = True) -> List[dict]:
@@ -63,7 +70,9 @@ def get_dataset_dicts(names: Sequence[str], filter_empty: bool = True) -> List[d
 
     Args:
         names: registered dataset names.
-        filter_empty: drop images without any non-crowd annotation (logged with counts).
+        filter_empty: drop images without any non-crowd annotation (logged with counts); a
+            panoptic dict (``segments_info``, no ``annotations``) counts its non-crowd segments,
+            a semantic dict (``sem_seg_file_name`` only) is never dropped.
 
     Raises:
         KeyError: a name is not registered.

@@ -39,7 +39,9 @@ def add_dataset_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     """Add the repeatable ``--dataset NAME JSON_FILE IMAGE_ROOT`` flag (``args.dataset``: list of
     ``[name, json_file, image_root]``, or ``None``) and its Cityscapes sibling, the repeatable
     ``--cityscapes NAME IMAGE_DIR GT_DIR`` (``args.cityscapes``: a folder pair in Cityscapes layout,
-    e.g. ``.../leftImg8bit/val .../gtFine/val``, evaluated with cityscapesscripts)."""
+    e.g. ``.../leftImg8bit/val .../gtFine/val``, evaluated with cityscapesscripts), with
+    ``--cityscapes-task {instance,semantic,panoptic}`` (``args.cityscapes_task``, default
+    ``instance``) choosing how those splits are registered."""
     parser.add_argument(
         "--dataset",
         action="append",
@@ -55,6 +57,14 @@ def add_dataset_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         metavar=("NAME", "IMAGE_DIR", "GT_DIR"),
         help="register a split in Cityscapes layout (IMAGE_DIR = leftImg8bit/<split>, GT_DIR = "
         "gtFine/<split>, one folder per city) under NAME (repeatable); evaluated with cityscapesscripts",
+    )
+    parser.add_argument(
+        "--cityscapes-task",
+        choices=("instance", "semantic", "panoptic"),
+        default="instance",
+        help="the task of every --cityscapes split: instance (default), semantic (the "
+        "_labelTrainIds.png) or panoptic (GT_DIR/../cityscapes_panoptic_<split>{.json,/}); the "
+        "semantic and panoptic files are written by datasets/prepare_cityscapes.py",
     )
     return parser
 
@@ -96,7 +106,10 @@ def default_argument_parser(description: Optional[str] = None) -> argparse.Argum
 def register_cli_datasets(args: argparse.Namespace) -> List[str]:
     """Register every ``--dataset NAME JSON_FILE IMAGE_ROOT`` with
     :func:`instseg.data.register_coco_instances`, then every ``--cityscapes NAME IMAGE_DIR GT_DIR``
-    with :func:`instseg.data.register_cityscapes_instances`.
+    with :func:`instseg.data.register_cityscapes_instances` (``--cityscapes-task semantic``:
+    :func:`~instseg.data.register_cityscapes_sem_seg`; ``panoptic``:
+    :func:`~instseg.data.register_cityscapes_panoptic` with the panoptic json and PNG folder that
+    ``datasets/prepare_cityscapes.py`` writes next to GT_DIR: ``GT_DIR/../cityscapes_panoptic_<split>``).
 
     Returns:
         The registered names, in command-line order (``[]`` without ``--dataset``).
@@ -122,6 +135,17 @@ def register_cli_datasets(args: argparse.Namespace) -> List[str]:
         for what, folder in (("IMAGE_DIR", image_dir), ("GT_DIR", gt_dir)):
             if not os.path.isdir(folder):
                 raise FileNotFoundError(f"--cityscapes {name}: {what} not found: {folder}")
-        register_cityscapes_instances(name, image_dir, gt_dir)
+        task = getattr(args, "cityscapes_task", None) or "instance"
+        if task == "semantic":
+            from instseg.data import register_cityscapes_sem_seg
+
+            register_cityscapes_sem_seg(name, image_dir, gt_dir)
+        elif task == "panoptic":
+            from instseg.data import register_cityscapes_panoptic
+            from instseg.data.cityscapes_seg import panoptic_paths_of_gt_dir
+
+            register_cityscapes_panoptic(name, image_dir, gt_dir, *panoptic_paths_of_gt_dir(gt_dir))
+        else:
+            register_cityscapes_instances(name, image_dir, gt_dir)
         names.append(name)
     return names
