@@ -199,7 +199,7 @@ class InstSegModule(L.LightningModule):
         * ``"cityscapes_sem_seg"`` / ``"sem_seg"`` -> :class:`SemSegEvaluator` (mIoU);
         * ``"cityscapes_panoptic_seg"`` / ``"coco_panoptic_seg"`` -> :class:`PanopticEvaluator` (PQ)
           for ``"panoptic_seg"`` outputs, :class:`SemSegEvaluator` for ``"sem_seg"`` outputs (when
-          the dataset has semantic ground truth: ``ignore_label`` metadata), and for instance
+          the dataset has semantic ground truth: Cityscapes, or ``sem_seg_root`` metadata), and for instance
           outputs :class:`CityscapesInstanceEvaluator` (Cityscapes) or :class:`COCOEvaluator` (when
           the metadata has a ``json_file`` with instances);
         * otherwise (``"coco"``) :class:`COCOEvaluator` on the dataset's ``json_file``.
@@ -237,7 +237,10 @@ class InstSegModule(L.LightningModule):
                 category_ids = [by_contiguous[c] for c in sorted(by_contiguous)] if by_contiguous else None
                 evaluators.append(PanopticEvaluator(meta.panoptic_json, meta.panoptic_root,
                                                     category_ids=category_ids, output_dir=out_dir))
-            if "sem_seg" in tasks and meta.has("ignore_label") and meta.has("stuff_classes"):
+            # semantic ground truth: Cityscapes' labelTrainIds PNGs; COCO panoptic only when a
+            # semantic folder was registered with it (Mask2Former's "sem_seg_root")
+            if "sem_seg" in tasks and meta.has("stuff_classes") and (
+                    etype == "cityscapes_panoptic_seg" or meta.has("sem_seg_root")):
                 evaluators.append(sem_seg())
             if "instances" in tasks:
                 if etype == "cityscapes_panoptic_seg" and meta.has("gt_dir"):

@@ -1,10 +1,15 @@
-"""COCO evaluation (segm and bbox AP, AP50/75/S/M/L) of a trained model.
+"""Evaluation of a trained model on every dataset of DATASETS.TEST, with the evaluators its
+dataset type and the model's outputs select: COCO AP (segm and bbox AP, AP50/75/S/M/L),
+Cityscapes AP (cityscapesscripts), PQ/SQ/RQ for panoptic datasets and mIoU for semantic ones
+(docs/panoptic_semantic.md).
 
     instseg-eval --config-file F [--dataset NAME JSON ROOT] [--per-category] [--num-gpus N] \\
         MODEL.WEIGHTS W [KEY VALUE ...]
     python tools/eval_net.py ...      # the same, from a source checkout
 
-Results are printed and written to OUTPUT_DIR (``metrics.json``, ``coco_instances_results.json``).
+Results are printed and written to OUTPUT_DIR (``metrics.json``; per dataset under
+``inference/<name>/``: ``coco_instances_results.json``, ``panoptic_metrics.json``,
+``sem_seg_metrics.json``).
 ``--config-file`` and MODEL.WEIGHTS are required; weights that do not fill the model (missing,
 unexpected or shape-mismatched tensors: another model family or class count, an ImageNet backbone
 file) are an error listing them, unless ``--allow-partial-weights``. Evaluating into a training
