@@ -263,9 +263,12 @@ class CityscapesInstanceEvaluator(DatasetEvaluator):
                                    "printed above") from None
         avg = res["averages"]
         metrics: Dict[str, float] = OrderedDict(AP=_pct(avg["allAp"]), AP50=_pct(avg["allAp50%"]))
-        for name in self._thing_classes:
+        # the classes cityscapesscripts scores (its 8 instance classes); a panoptic dataset's
+        # thing_classes list all 19 train classes (Detectron2's convention), stuff ones are not scored
+        scored = [n for n in self._thing_classes if n in avg["classes"]]
+        for name in scored:
             metrics[f"AP-{name}"] = _pct(avg["classes"][name]["ap"])
-        for name in self._thing_classes:
+        for name in scored:
             metrics[f"AP50-{name}"] = _pct(avg["classes"][name]["ap50%"])
         self._log_table(metrics)
         return metrics
@@ -275,7 +278,7 @@ class CityscapesInstanceEvaluator(DatasetEvaluator):
 
         logger.info("Cityscapes instance segmentation (cityscapesscripts), %s:\n%s", self._gt_dir,
                     _format_table([[f"{metrics['AP']:.3f}", f"{metrics['AP50']:.3f}"]], ["AP", "AP50"]))
-        rows = [[n, f"{metrics[f'AP-{n}']:.3f}", f"{metrics[f'AP50-{n}']:.3f}"] for n in self._thing_classes]
+        rows = [[n, f"{metrics[f'AP-{n}']:.3f}", f"{metrics[f'AP50-{n}']:.3f}"] for n in self._thing_classes if f'AP-{n}' in metrics]
         logger.info("Per-class Cityscapes AP:\n%s", _format_table(rows, ["class", "AP", "AP50"]))
 
 
