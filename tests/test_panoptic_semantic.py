@@ -423,10 +423,11 @@ def test_engine_picks_evaluators_from_dataset_type_and_model_tasks(tmp_path):
     from instseg.config import get_cfg
     from instseg.data import DatasetCatalog, MetadataCatalog
     from instseg.engine.module import InstSegModule
-    from instseg.evaluation import DatasetEvaluators
+    from instseg.evaluation import CityscapesSemSegEvaluator, DatasetEvaluators
 
     gt_json, gt_folder = _panoptic_case(tmp_path)[:2]
-    for name, etype in (("test_toy_pan_eval", "cityscapes_panoptic_seg"), ("test_toy_sem_eval", "cityscapes_sem_seg")):
+    for name, etype in (("test_toy_pan_eval", "cityscapes_panoptic_seg"), ("test_toy_sem_eval", "cityscapes_sem_seg"),
+                        ("test_toy_generic_sem_eval", "sem_seg")):
         if name not in DatasetCatalog:
             DatasetCatalog.register(name, lambda: [])
         MetadataCatalog.get(name).set(evaluator_type=etype, panoptic_json=str(gt_json), panoptic_root=str(gt_folder),
@@ -439,7 +440,47 @@ def test_engine_picks_evaluators_from_dataset_type_and_model_tasks(tmp_path):
     assert isinstance(InstSegModule._make_evaluator(fake(("panoptic_seg",)), "test_toy_pan_eval"), PanopticEvaluator)
     both = InstSegModule._make_evaluator(fake(("sem_seg", "panoptic_seg")), "test_toy_pan_eval")
     assert isinstance(both, DatasetEvaluators)
-    assert [type(e) for e in both._evaluators] == [PanopticEvaluator, SemSegEvaluator]
-    assert isinstance(InstSegModule._make_evaluator(fake(("sem_seg",)), "test_toy_sem_eval"), SemSegEvaluator)
+    assert [type(e) for e in both._evaluators] == [PanopticEvaluator, CityscapesSemSegEvaluator]
+    assert isinstance(InstSegModule._make_evaluator(fake(("sem_seg",)), "test_toy_sem_eval"), CityscapesSemSegEvaluator)
+    assert isinstance(InstSegModule._make_evaluator(fake(("sem_seg",)), "test_toy_generic_sem_eval"), SemSegEvaluator)
     with pytest.raises(ValueError, match="test_toy_sem_eval.*cityscapes_sem_seg.*outputs \\['instances'\\]"):
         InstSegModule._make_evaluator(fake(("instances",)), "test_toy_sem_eval")
+
+
+def test_cityscapes_semseg_evaluator_hand_computed_equals_ours(tmp_path):
+    """cityscapesscripts' evalPixelLevelSemanticLabeling (through CityscapesSemSegEvaluator) and our
+    SemSegEvaluator on one 4x4 Cityscapes-layout image, against hand-computed IoUs: GT rows 0-1
+    road, row 2 car | car | sidewalk | sidewalk, row 3 unlabeled (void); prediction rows 0 road,
+    row 1 road x3 + sidewalk, row 2 car | road | sidewalk | sidewalk, row 3 car (on void: ignored).
+    road 7/9, sidewalk 2/3, car 1/2 -> mIoU 64.81; the car instance: iIoU 1/2."""
+    pytest.importorskip("cityscapesscripts")
+    from instseg.evaluation import CityscapesSemSegEvaluator
+
+    city = tmp_path / "gtFine" / "val" / "x"
+    city.mkdir(parents=True)
+    stem = "x_000000_000001"
+    label_ids = np.array([[7, 7, 7, 7], [7, 7, 7, 7], [26, 26, 8, 8], [0, 0, 0, 0]], np.uint8)
+    train_ids = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [13, 13, 1, 1], [255] * 4], np.uint8)
+    inst = label_ids.astype(np.uint16).copy()
+    inst[2, :2] = 26000
+    Image.fromarray(label_ids).save(city / f"{stem}_gtFine_labelIds.png")
+    Image.fromarray(train_ids).save(city / f"{stem}_gtFine_labelTrainIds.png")
+    Image.fromarray(inst).save(city / f"{stem}_gtFine_instanceIds.png")
+    pred = np.array([[0, 0, 0, 0], [0, 0, 0, 1], [13, 0, 1, 1], [13, 13, 13, 13]])
+    sem = torch.nn.functional.one_hot(torch.as_tensor(pred), 19).permute(2, 0, 1).float()
+    inp = {"file_name": str(tmp_path / f"{stem}_leftImg8bit.png"),
+           "sem_seg_file_name": str(city / f"{stem}_gtFine_labelTrainIds.png")}
+    lib = CityscapesSemSegEvaluator(output_dir=str(tmp_path / "out"))
+    lib.reset()
+    lib.process([inp], [{"sem_seg": sem}])
+    res = lib.evaluate()["sem_seg"]
+    assert res["IoU-road"] == pytest.approx(700 / 9) and res["IoU-sidewalk"] == pytest.approx(200 / 3)
+    assert res["IoU-car"] == pytest.approx(50.0)
+    assert res["mIoU"] == pytest.approx((700 / 9 + 200 / 3 + 50) / 3)
+    assert res["iIoU"] == pytest.approx(50.0)
+    ours = SemSegEvaluator(19)
+    ours.process([inp], [{"sem_seg": sem}])
+    assert ours.evaluate()["sem_seg"]["mIoU"] == pytest.approx(res["mIoU"])
+    assert (tmp_path / "out" / "cityscapes_sem_seg_metrics.json").is_file()
+    with pytest.raises(ValueError, match="'sem_seg' \\(19, H, W\\)"):
+        lib.process([inp], [{"sem_seg": sem[:3]}])

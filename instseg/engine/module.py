@@ -196,9 +196,10 @@ class InstSegModule(L.LightningModule):
         ``train_net.build_evaluator``):
 
         * ``"cityscapes_instance"`` -> :class:`CityscapesInstanceEvaluator` (cityscapesscripts);
-        * ``"cityscapes_sem_seg"`` / ``"sem_seg"`` -> :class:`SemSegEvaluator` (mIoU);
+        * ``"cityscapes_sem_seg"`` -> :class:`CityscapesSemSegEvaluator` (cityscapesscripts' mIoU,
+          iIoU); ``"sem_seg"`` -> :class:`SemSegEvaluator` (Detectron2's mIoU);
         * ``"cityscapes_panoptic_seg"`` / ``"coco_panoptic_seg"`` -> :class:`PanopticEvaluator` (PQ)
-          for ``"panoptic_seg"`` outputs, :class:`SemSegEvaluator` for ``"sem_seg"`` outputs (when
+          for ``"panoptic_seg"`` outputs, the semantic evaluator above for ``"sem_seg"`` outputs (when
           the dataset has semantic ground truth: Cityscapes, or ``sem_seg_root`` metadata), and for instance
           outputs :class:`CityscapesInstanceEvaluator` (Cityscapes) or :class:`COCOEvaluator` (when
           the metadata has a ``json_file`` with instances);
@@ -218,6 +219,10 @@ class InstSegModule(L.LightningModule):
         evaluators = []
 
         def sem_seg():
+            if etype.startswith("cityscapes"):  # Mask2Former's train_net: cityscapesscripts' own evaluation
+                from ..evaluation import CityscapesSemSegEvaluator
+
+                return CityscapesSemSegEvaluator(name, output_dir=out_dir)
             from ..evaluation import SemSegEvaluator
 
             classes = list(meta.stuff_classes)

@@ -1,7 +1,7 @@
 """Evaluation: COCO AP (:class:`COCOEvaluator`), Cityscapes AP (:class:`CityscapesInstanceEvaluator`,
 cityscapesscripts), semantic mIoU (:class:`SemSegEvaluator`), panoptic PQ (:class:`PanopticEvaluator`,
 cityscapesscripts), the inference loop and the timing harness."""
-from .cityscapes_evaluation import CityscapesInstanceEvaluator
+from .cityscapes_evaluation import CityscapesInstanceEvaluator, CityscapesSemSegEvaluator
 from .coco_evaluation import COCOEvaluator, fast_eval_available, instances_to_coco_json
 from .panoptic_evaluation import PanopticEvaluator
 from .sem_seg_evaluation import SemSegEvaluator, semseg_metrics
@@ -11,6 +11,7 @@ from .timing import benchmark_model, count_flops, count_parameters
 __all__ = [
     "COCOEvaluator",
     "CityscapesInstanceEvaluator",
+    "CityscapesSemSegEvaluator",
     "DatasetEvaluator",
     "DatasetEvaluators",
     "PanopticEvaluator",

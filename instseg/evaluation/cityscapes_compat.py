@@ -29,7 +29,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
-__all__ = ["in1d", "json_default", "write_dict_to_json", "numpy_proxy", "patched_instance_evaluation"]
+__all__ = ["in1d", "json_default", "write_dict_to_json", "numpy_proxy", "patched_instance_evaluation",
+           "patched_pixel_evaluation"]
 
 _LOCK = threading.RLock()
 
@@ -94,6 +95,23 @@ def patched_instance_evaluation(work_dir: Optional[str] = None) -> Iterator[type
     thread-safe (a lock is held inside the block); the module's names are restored on exit.
     """
     import cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling as cs_eval
+
+    with _LOCK:
+        saved = {k: cs_eval.__dict__[k] for k in ("np", "writeDict2JSON")}
+        cs_eval.np = numpy_proxy()
+        cs_eval.writeDict2JSON = lambda d, f: write_dict_to_json(d, f, base_dir=work_dir)
+        try:
+            yield cs_eval
+        finally:
+            cs_eval.__dict__.update(saved)
+
+
+@contextlib.contextmanager
+def patched_pixel_evaluation(work_dir: Optional[str] = None) -> Iterator[types.ModuleType]:
+    """The same two fixes for cityscapesscripts' ``evalPixelLevelSemanticLabeling`` (its
+    ``evaluatePair`` calls ``np.in1d`` for the instance-level iIoU; its ``writeJSONFile`` uses
+    ``writeDict2JSON``), as ``with patched_pixel_evaluation() as cs_eval:``."""
+    import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as cs_eval
 
     with _LOCK:
         saved = {k: cs_eval.__dict__[k] for k in ("np", "writeDict2JSON")}

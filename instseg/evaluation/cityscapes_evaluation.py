@@ -25,10 +25,10 @@ import torch
 
 from instseg.utils import comm
 
-from .cityscapes_compat import patched_instance_evaluation, write_dict_to_json
+from .cityscapes_compat import patched_instance_evaluation, patched_pixel_evaluation, write_dict_to_json
 from .evaluator import DatasetEvaluator
 
-__all__ = ["CityscapesInstanceEvaluator", "cityscapes_gt_file"]
+__all__ = ["CityscapesInstanceEvaluator", "CityscapesSemSegEvaluator", "cityscapes_gt_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -285,3 +285,123 @@ class CityscapesInstanceEvaluator(DatasetEvaluator):
 def _pct(v: Any) -> float:
     v = float(v)
     return v * 100.0 if not math.isnan(v) else float("nan")
+
+
+class CityscapesSemSegEvaluator(DatasetEvaluator):
+    """Cityscapes semantic segmentation scored by cityscapesscripts' ``evalPixelLevelSemanticLabeling``
+    (as Detectron2's ``CityscapesSemSegEvaluator``): class IoU and iIoU averages, category IoU and
+    iIoU, per-class IoU (percent).
+
+    The prediction (argmax of the output's ``"sem_seg"`` over the 19 train classes) is converted to
+    Cityscapes label ids (cityscapesscripts' ``trainId2label``), written as PNGs to a temporary folder
+    and evaluated against the ``_gtFine_labelIds.png`` (and, for iIoU, ``_gtFine_instanceIds.png``)
+    next to the input's ``"sem_seg_file_name"`` (``..._gtFine_labelTrainIds.png``) or found in
+    ``gt_dir``. The library counts a class without ground-truth pixels but with predictions as IoU
+    0 (:class:`SemSegEvaluator`, Detectron2's definition, leaves it out); on the 500 val images every
+    class has ground truth and the two mIoUs agree.
+
+    Args:
+        dataset_name: a registered Cityscapes semantic / panoptic dataset (its metadata's
+            ``gt_dir`` is used when an input has no ``sem_seg_file_name``).
+        gt_dir: ``gtFine/<split>`` directly instead.
+        output_dir: when given, rank 0 writes ``cityscapes_sem_seg_metrics.json`` there.
+
+    Returns of ``evaluate()`` (rank 0): ``{"sem_seg": {"mIoU", "iIoU", "mIoU_category",
+    "iIoU_category", "IoU-<class>"...}}``.
+
+    Raises:
+        ValueError: no ground-truth location (neither ``gt_dir`` nor metadata).
+    """
+
+    def __init__(self, dataset_name: Optional[str] = None, *, gt_dir: Optional[str] = None,
+                 output_dir: Optional[str] = None):
+        if dataset_name is not None and gt_dir is None:
+            from instseg.data import MetadataCatalog
+
+            gt_dir = MetadataCatalog.get(dataset_name).get("gt_dir")
+        self._gt_dir = gt_dir
+        self._output_dir = output_dir
+        self.reset()
+
+    def reset(self) -> None:
+        self._predictions: List[tuple] = []  # (gt labelIds png, PNG bytes of the prediction)
+
+    def _gt_file(self, inp: Dict) -> str:
+        sem = inp.get("sem_seg_file_name")
+        if sem and sem.endswith("_gtFine_labelTrainIds.png"):
+            return sem[: -len("_labelTrainIds.png")] + "_labelIds.png"
+        if not self._gt_dir:
+            raise ValueError(f"{inp.get('file_name')}: no sem_seg_file_name and no gt_dir to find its _gtFine_labelIds.png")
+        return cityscapes_gt_file(inp["file_name"], self._gt_dir).replace("_instanceIds.png", "_labelIds.png")
+
+    def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
+        """Keep one batch of predictions as label-id PNGs.
+
+        Raises:
+            ValueError: ``len(inputs) != len(outputs)``; an output without ``"sem_seg"``
+                ``(19, H, W)``.
+        """
+        import io
+
+        from cityscapesscripts.helpers.labels import trainId2label
+        from PIL import Image
+
+        if len(inputs) != len(outputs):
+            raise ValueError(f"{len(inputs)} inputs but {len(outputs)} outputs")
+        lut = np.zeros(256, dtype=np.uint8)
+        for train_id, lab in trainId2label.items():
+            if 0 <= train_id < 255:
+                lut[train_id] = lab.id
+        for inp, out in zip(inputs, outputs):
+            sem = out.get("sem_seg")
+            if sem is None or sem.dim() != 3 or sem.shape[0] != 19:
+                raise ValueError(f"{inp.get('file_name')}: the output needs 'sem_seg' (19, H, W) over the Cityscapes "
+                                 f"train classes, got {None if sem is None else tuple(sem.shape)}")
+            pred = lut[sem.argmax(0).cpu().numpy().astype(np.int64)]
+            buf = io.BytesIO()
+            Image.fromarray(pred).save(buf, format="PNG", compress_level=1)
+            self._predictions.append((self._gt_file(inp), buf.getvalue()))
+
+    def evaluate(self) -> Dict[str, Dict[str, float]]:
+        """Gather the predictions on rank 0 and run ``evaluateImgLists`` (other ranks: ``{}``).
+        Raises RuntimeError when the library stops (its message is printed above)."""
+        import copy
+        import tempfile
+
+        preds = comm.gather_lists_to_main(self._predictions)
+        if not comm.is_main_process():
+            return {}
+        by_gt = dict(preds)  # an image seen twice counts once
+        if not by_gt:
+            logger.warning("CityscapesSemSegEvaluator: no predictions")
+            return {}
+        with tempfile.TemporaryDirectory() as tmp, patched_pixel_evaluation(tmp) as cs_eval:
+            pred_files, gt_files = [], []
+            for i, (gt, png) in enumerate(sorted(by_gt.items())):
+                f = os.path.join(tmp, f"{i:06d}_pred.png")
+                with open(f, "wb") as fh:
+                    fh.write(png)
+                pred_files.append(f)
+                gt_files.append(gt)
+            args = copy.copy(cs_eval.args)
+            args.quiet, args.colorized, args.JSONOutput = True, False, False
+            args.bold = args.nocol = ""
+            args.evalInstLevelScore = all(os.path.isfile(g.replace("labelIds", "instanceIds")) for g in gt_files)
+            args.evalPixelAccuracy = False
+            try:
+                res = cs_eval.evaluateImgLists(pred_files, gt_files, args)
+            except SystemExit as e:
+                raise RuntimeError(f"cityscapesscripts' evaluation stopped (exit code {e.code}); its message is "
+                                   "printed above") from None
+        metrics: Dict[str, float] = OrderedDict(
+            mIoU=_pct(res["averageScoreClasses"]), iIoU=_pct(res["averageScoreInstClasses"]),
+            mIoU_category=_pct(res["averageScoreCategories"]), iIoU_category=_pct(res["averageScoreInstCategories"]))
+        for name, v in res["classScores"].items():
+            if not math.isnan(float(v)):
+                metrics[f"IoU-{name}"] = _pct(v)
+        if self._output_dir:
+            os.makedirs(self._output_dir, exist_ok=True)
+            write_dict_to_json(dict(metrics), os.path.join(self._output_dir, "cityscapes_sem_seg_metrics.json"))
+        logger.info("Cityscapes semantic segmentation (cityscapesscripts): mIoU %.2f, iIoU %.2f, category mIoU %.2f",
+                    metrics["mIoU"], metrics["iIoU"], metrics["mIoU_category"])
+        return {"sem_seg": metrics}
