@@ -28,6 +28,10 @@ setup(
         "numpy>=1.24",
         "pillow>=10",
         "tensorboard>=2.14",
+        # OUTPUT_DIR/loss_curve.png at the end of training (instseg/utils/visualize.py)
+        "matplotlib>=3.5",
+        # instseg-demo's progress bar (Lightning depends on it too)
+        "tqdm>=4.60",
         "pyyaml>=6",
     ],
     # instseg-quickstart's default config (a copy of configs/sparseinst/smoke_R50_scratch.yaml and
@@ -54,6 +58,7 @@ setup(
             "instseg-quickstart=instseg.tools.quickstart:main",
             "instseg-convert=instseg.tools.convert_official_weights:main",
             "instseg-check-dataset=instseg.tools.check_dataset:main",
+            "instseg-demo=instseg.tools.demo:main",
         ]
     },
 )

@@ -56,6 +56,7 @@ __all__ = [
     "check_output_dir",
     "find_resume_checkpoint",
     "fatal_errors_logged",
+    "write_loss_curve",
     "OutputDirInUseError",
     "ResumeError",
 ]
@@ -471,7 +472,8 @@ def train(cfg, resume: bool = False, num_gpus: int = 1, num_machines: int = 1, m
     and RNG state; when there is none it says so and starts from MODEL.WEIGHTS (tolerant loading:
     what does not fit is listed in the log). Without ``resume``, an OUTPUT_DIR holding another
     run's checkpoints is refused (:func:`check_output_dir`) unless ``overwrite``, which deletes
-    them first (rank 0).
+    them first (rank 0). At the end, rank 0 plots the run's CSV losses to
+    ``OUTPUT_DIR/loss_curve.png`` (:func:`write_loss_curve`; a failure there is only a warning).
 
     Raises:
         OutputDirInUseError: see :func:`check_output_dir`.
@@ -509,7 +511,28 @@ def train(cfg, resume: bool = False, num_gpus: int = 1, num_machines: int = 1, m
         if trainer.global_rank == 0:
             for name, res in results.items():
                 logger.info("Final evaluation on %s: %s", name, _fmt(res))
+    if trainer.global_rank == 0:
+        write_loss_curve(cfg.OUTPUT_DIR)
     return results
+
+
+def write_loss_curve(output_dir: str) -> Optional[str]:
+    """Plot ``OUTPUT_DIR/csv/version_*/metrics.csv`` to ``OUTPUT_DIR/loss_curve.png``
+    (:func:`instseg.utils.visualize.plot_loss_curve`); the end of every :func:`train` (rank 0).
+
+    Never raises: a failure (no CSV, no matplotlib, ...) is logged as a warning and ``None``
+    returned, so a finished training run is never turned into a failed one. Returns the PNG path.
+    """
+    out = os.path.join(output_dir, "loss_curve.png")
+    try:
+        from ..utils.visualize import plot_loss_curve
+
+        plot_loss_curve(os.path.join(output_dir, "csv"), out)
+    except Exception as e:  # noqa: BLE001 - a picture must not fail a finished run
+        logger.warning("Loss curve not written to %s: %s: %s", out, type(e).__name__, e)
+        return None
+    logger.info("Loss curve written to %s", out)
+    return out
 
 
 def evaluate(cfg, num_gpus: int = 1, per_category: bool = False, allow_partial_weights: bool = False) -> Dict:

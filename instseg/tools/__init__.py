@@ -8,6 +8,7 @@ repository's ``tools/*.py`` (``python tools/train_net.py ...`` from a source che
     instseg-benchmark     instseg.tools.benchmark_fps                 tools/benchmark_fps.py
     instseg-quickstart    instseg.tools.quickstart                    tools/quickstart.py
     instseg-convert       instseg.tools.convert_official_weights      tools/convert_official_weights.py
+    instseg-demo          instseg.tools.demo                          tools/demo.py
 
 Each module's ``main(argv=None)`` parses the arguments (``sys.argv[1:]`` by default) and returns
 the exit status 0 (a console script passes it to ``sys.exit``); ``run(argv)`` returns the results
