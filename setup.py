@@ -41,6 +41,8 @@ setup(
         # hypothesis: the fuzz tests of the data validation (tests/test_fuzz.py)
         "test": ["pytest>=7.4", "hypothesis>=6.100"],
         "fast-eval": ["faster-coco-eval>=1.5"],
+        # instseg-export: ONNX export and its check with ONNX Runtime (instseg/export.py)
+        "export": ["onnx>=1.15", "onnxruntime>=1.17"],
     },
     entry_points={
         # The model packages: the core loads every entry point of this group (instseg/discovery.py)
@@ -59,6 +61,7 @@ setup(
             "instseg-convert=instseg.tools.convert_official_weights:main",
             "instseg-check-dataset=instseg.tools.check_dataset:main",
             "instseg-demo=instseg.tools.demo:main",
+            "instseg-export=instseg.tools.export_model:main",
         ]
     },
 )

@@ -1,0 +1,307 @@
+"""ONNX export of a model's network (docs/deploy.md, "Export (ONNX)").
+
+What goes into the graph is ``model.flops_forward`` (backbone, encoder / pixel decoder, query
+decoder: the network alone, which every meta-architecture of the project provides) with the pixel
+normalization in front of it. The graph takes one float32 RGB image on the 0-255 scale,
+``(1, 3, H, W)``, already resized and padded at the bottom / right to a multiple of
+``MODEL.SIZE_DIVISIBILITY`` (:func:`prepare_input` pads with the pixel mean, so that the padding
+is 0 after normalization, exactly as :func:`instseg.modeling.meta_arch.pad_to_divisible` pads the
+normalized batch), and returns the tensors of ``flops_forward`` under their own names (e.g.
+``pred_logits``, ``pred_masks``, ``pred_scores``).
+
+What stays in Python is the model's own post-processing (:func:`finish_postprocess` calls
+``model.inference``): score selection (thresholds, top-k), mask upsampling to the padded size,
+cropping to the image, resizing to the original size, binarization and boxes. This module names
+no model: any meta-architecture with ``flops_forward(images)`` and
+``inference(outputs, batched_inputs, image_sizes, padded_size)`` exports.
+
+The export uses the TorchScript-based exporter of ``torch.onnx.export`` (``dynamo=False``), opset
+17 by default; verification runs ONNX Runtime's ``CPUExecutionProvider``. Both come with the
+``export`` extra (``pip install .[export]``: ``onnx``, ``onnxruntime``).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["OnnxNetwork", "export_onnx", "verify_onnx", "finish_postprocess", "prepare_input", "run_onnx",
+           "INPUT_NAME"]
+
+#: Name of the graph's input.
+INPUT_NAME = "image"
+
+
+class OnnxNetwork(nn.Module):
+    """The exported module: ``image`` float32 ``(B, 3, H, W)`` RGB 0-255 -> the tensors of
+    ``model.flops_forward((image - pixel_mean) / pixel_std)`` in the order of ``output_names``.
+
+    Args:
+        model: a meta-architecture (:class:`instseg.modeling.MetaArchBase`) with ``flops_forward``.
+        output_names: the keys of ``flops_forward``'s dict to return; ``None``: every tensor it
+            returns, in its order (found with a dry run on a zero image of ``probe_size``).
+        probe_size: ``(H, W)`` of the dry run (a multiple of ``model.size_divisibility``).
+
+    Raises:
+        TypeError: the model has no ``flops_forward``, or it returns no dict of tensors.
+    """
+
+    def __init__(self, model: nn.Module, output_names: Optional[Sequence[str]] = None,
+                 probe_size: Tuple[int, int] = (64, 64)) -> None:
+        super().__init__()
+        if not callable(getattr(model, "flops_forward", None)):
+            raise TypeError(f"{type(model).__name__} has no flops_forward(images): it cannot be exported")
+        self.model = model
+        if output_names is None:
+            with torch.no_grad():
+                out = model.flops_forward(torch.zeros((1, 3, *probe_size), device=model.pixel_mean.device))
+            if not isinstance(out, dict):
+                raise TypeError(f"{type(model).__name__}.flops_forward returned {type(out).__name__}, not a dict")
+            output_names = [k for k, v in out.items() if isinstance(v, torch.Tensor)]
+            if not output_names:
+                raise TypeError(f"{type(model).__name__}.flops_forward returned no tensor")
+        self.output_names = list(output_names)
+
+    def forward(self, image: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        x = (image - self.model.pixel_mean) / self.model.pixel_std
+        out = self.model.flops_forward(x)
+        return tuple(out[k] for k in self.output_names)
+
+
+class _StaticAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` spelled out as slices and means, for a fixed input size: the
+    TorchScript exporter refuses an adaptive pooling whose output size does not divide the input
+    size (e.g. a pyramid pooling's 2 / 3 / 6 bins on an 8 x 11 map). The bins are PyTorch's
+    (``start = floor(i * n / o)``, ``end = ceil((i + 1) * n / o)``), so the result is the same."""
+
+    def __init__(self, output_size) -> None:
+        super().__init__()
+        self.output_size = output_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        oh, ow = (self.output_size, self.output_size) if isinstance(self.output_size, int) else self.output_size
+        oh, ow = oh or h, ow or w
+
+        def bins(n, o):
+            return [(i * n // o, -(-(i + 1) * n // o)) for i in range(o)]
+
+        rows = [torch.cat([x[..., a:b, c:d].mean(dim=(-2, -1), keepdim=True) for c, d in bins(w, ow)], dim=-1)
+                for a, b in bins(h, oh)]
+        return torch.cat(rows, dim=-2)
+
+
+def _swap_adaptive_pools(module: nn.Module) -> List[Tuple[nn.Module, str, nn.Module]]:
+    """Replace every ``nn.AdaptiveAvgPool2d`` under ``module`` by :class:`_StaticAdaptiveAvgPool2d`;
+    returns ``(parent, name, original)`` to put them back."""
+    swapped = []
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.AdaptiveAvgPool2d):
+                setattr(parent, name, _StaticAdaptiveAvgPool2d(child.output_size))
+                swapped.append((parent, name, child))
+    return swapped
+
+
+def _check_size(model: nn.Module, size: Tuple[int, int], what: str) -> Tuple[int, int]:
+    h, w = (int(s) for s in size)
+    d = max(int(getattr(model, "size_divisibility", 1)), 1)
+    if h < 1 or w < 1 or h % d or w % d:
+        raise ValueError(f"{what} {h}x{w} must be positive multiples of MODEL.SIZE_DIVISIBILITY ({d})")
+    return h, w
+
+
+def export_onnx(model: nn.Module, output_path: str, input_size: Tuple[int, int] = (640, 640),
+                dynamic: bool = False, opset: int = 17) -> List[str]:
+    """Write the network of ``model`` (:class:`OnnxNetwork`) to ``output_path``.
+
+    Args:
+        model: the meta-architecture (put in eval mode here; moved to nothing: export on the
+            device it is on, the CPU for a portable file).
+        output_path: the ``.onnx`` file to write.
+        input_size: ``(H, W)`` pixels of the traced input, multiples of ``model.size_divisibility``;
+            the size of the graph's input unless ``dynamic``.
+        dynamic: height and width of the input (and so of the outputs) are dynamic axes.
+        opset: the ONNX opset (17 default).
+
+    Returns:
+        The output names, in the graph's order (the keys of ``flops_forward``).
+
+    Raises:
+        ValueError: ``input_size`` not a multiple of the size divisibility; ``dynamic`` for a model
+            with adaptive poolings of more than one bin (SparseInst's and FastInst's pyramid
+            pooling: not supported, export a fixed size).
+        TypeError: see :class:`OnnxNetwork`.
+    """
+    h, w = _check_size(model, input_size, "input_size")
+    model.eval()
+    net = OnnxNetwork(model, probe_size=(h, w)).eval()
+    dummy = torch.full((1, 3, h, w), 114.0, device=model.pixel_mean.device)
+    dynamic_axes = None
+    if dynamic:
+        pools = [n for n, m in model.named_modules() if isinstance(m, nn.AdaptiveAvgPool2d)
+                 and m.output_size not in (1, (1, 1))]
+        if pools:
+            raise ValueError(
+                f"dynamic export of {type(model).__name__}: its adaptive poolings ({', '.join(pools[:4])}) need a "
+                "fixed input size with the TorchScript exporter (bins that are not factors of a dynamic size); "
+                "export a fixed input_size instead")
+        dynamic_axes = {INPUT_NAME: {2: "height", 3: "width"}}
+        for name in net.output_names:
+            dynamic_axes[name] = {}  # sizes follow the input; let the exporter name them
+    # fixed size: adaptive poolings become static slices (the exporter refuses non-divisible bins)
+    swapped = [] if dynamic else _swap_adaptive_pools(model)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # fixed-size tracing turns shapes into constants on purpose; say it once in the docs, not per op
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(net, (dummy,), str(output_path), input_names=[INPUT_NAME],
+                              output_names=net.output_names, opset_version=int(opset),
+                              dynamic_axes=dynamic_axes, do_constant_folding=True, dynamo=False)
+    finally:
+        for parent, name, original in swapped:
+            setattr(parent, name, original)
+    return list(net.output_names)
+
+
+def prepare_input(image: torch.Tensor, input_size: Optional[Tuple[int, int]], pixel_mean: Sequence[float],
+                  size_divisibility: int = 32) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """An image as the graph takes it.
+
+    Args:
+        image: ``uint8`` (or float 0-255) ``(3, h, w)`` RGB, already resized by the test transform
+            (:meth:`instseg.engine.Predictor.preprocess`).
+        input_size: ``(H, W)`` of a fixed-size graph: an image larger than it is first scaled down
+            to fit, keeping its aspect ratio (bilinear, antialiased); ``None`` (a dynamic graph):
+            pad to the next multiple of ``size_divisibility``.
+        pixel_mean: RGB mean on the 0-255 scale (the padding value: 0 after normalization).
+        size_divisibility: for ``input_size=None``.
+
+    Returns:
+        ``float32 (1, 3, H, W)`` numpy array and the ``(h, w)`` of the image inside it.
+
+    Raises:
+        ValueError: ``image`` is not ``(3, h, w)``.
+    """
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image of shape (3, h, w), got {tuple(image.shape)}")
+    img = image.float()
+    h, w = int(img.shape[1]), int(img.shape[2])
+    if input_size is None:
+        d = max(int(size_divisibility), 1)
+        H, W = math.ceil(h / d) * d, math.ceil(w / d) * d
+    else:
+        H, W = (int(s) for s in input_size)
+        if h > H or w > W:
+            s = min(H / h, W / w)
+            h, w = max(1, min(H, int(round(h * s)))), max(1, min(W, int(round(w * s))))
+            img = torch.nn.functional.interpolate(img[None], size=(h, w), mode="bilinear",
+                                                  align_corners=False, antialias=True)[0].clamp(0, 255)
+    out = torch.tensor(list(pixel_mean), dtype=torch.float32).view(3, 1, 1).expand(3, H, W).clone()
+    out[:, :h, :w] = img
+    return out[None].numpy(), (h, w)
+
+
+def run_onnx(onnx_path: str, image: np.ndarray, session=None) -> Dict[str, np.ndarray]:
+    """ONNX Runtime (``CPUExecutionProvider``) on one ``float32 (1, 3, H, W)`` input: ``{name: array}``."""
+    import onnxruntime as ort
+
+    sess = session or ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, {INPUT_NAME: np.ascontiguousarray(image, dtype=np.float32)})))
+
+
+def verify_onnx(onnx_path: str, model: nn.Module, images: Sequence, mask_key: str = "pred_masks",
+                mask_threshold: Optional[float] = None) -> Dict[str, Dict[str, float]]:
+    """Run the ONNX file (ONNX Runtime, CPU) and the PyTorch network (:class:`OnnxNetwork`) on
+    the same inputs and compare.
+
+    Args:
+        onnx_path: the file of :func:`export_onnx`.
+        model: the PyTorch meta-architecture it was exported from.
+        images: graph inputs, ``float32 (1, 3, H, W)`` arrays or tensors (:func:`prepare_input`).
+        mask_key: the output holding the mask logits ``(1, N, h, w)``.
+        mask_threshold: probability threshold of a mask pixel (default ``model.mask_threshold``).
+
+    Returns:
+        ``{output name: {"max_abs": float, "max_rel": float, "max_ref": float}}`` over all
+        images, where ``max_ref`` is the largest magnitude of the PyTorch output and ``max_rel``
+        the largest absolute difference divided by it
+        (a per-element ratio explodes near zero); plus ``"mask_iou": {"min": float, "mean":
+        float}``: per image, the IoU between the two sets of masks binarized at
+        ``sigmoid(logit) > mask_threshold`` at the network's low resolution (intersection and
+        union summed over all queries; 1.0 when both are empty).
+
+    Raises:
+        ValueError: no images; the graph's outputs are not the PyTorch ones.
+    """
+    import onnxruntime as ort
+
+    if len(images) == 0:
+        raise ValueError("verify_onnx: no images")
+    thr = float(model.mask_threshold if mask_threshold is None else mask_threshold)
+    logit_thr = math.log(thr / (1.0 - thr))
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    model.eval()
+    net = OnnxNetwork(model, output_names=names).eval()
+    stats = {n: {"max_abs": 0.0, "max_ref": 0.0} for n in names}
+    ious = []
+    for image in images:
+        x = torch.as_tensor(np.asarray(image, dtype=np.float32))
+        got = run_onnx(onnx_path, x.numpy(), session=sess)
+        with torch.no_grad():
+            ref = dict(zip(names, (t.float().cpu().numpy() for t in net(x.to(model.pixel_mean.device)))))
+        for n in names:
+            if got[n].shape != ref[n].shape:
+                raise ValueError(f"{onnx_path}: output {n} has shape {got[n].shape}, PyTorch {ref[n].shape}")
+            stats[n]["max_abs"] = max(stats[n]["max_abs"], float(np.abs(got[n] - ref[n]).max(initial=0.0)))
+            stats[n]["max_ref"] = max(stats[n]["max_ref"], float(np.abs(ref[n]).max(initial=0.0)))
+        if mask_key in names:
+            a, b = got[mask_key] > logit_thr, ref[mask_key] > logit_thr
+            union = np.logical_or(a, b).sum()
+            ious.append(1.0 if union == 0 else float(np.logical_and(a, b).sum() / union))
+    result: Dict[str, Dict[str, float]] = {
+        n: {"max_abs": s["max_abs"], "max_rel": s["max_abs"] / max(s["max_ref"], 1e-12), "max_ref": s["max_ref"]}
+        for n, s in stats.items()
+    }
+    if ious:
+        result["mask_iou"] = {"min": min(ious), "mean": float(np.mean(ious))}
+    return result
+
+
+def finish_postprocess(model: nn.Module, outputs: Dict[str, np.ndarray], image_sizes: Sequence[Tuple[int, int]],
+                       padded_size: Tuple[int, int],
+                       original_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Dict[str, torch.Tensor]]:
+    """The graph's outputs -> the data-contract dicts, by the model's own ``inference``.
+
+    Args:
+        model: the meta-architecture the graph came from (its ``inference(outputs, batched_inputs,
+            image_sizes, padded_size)``: thresholds, top-k, mask upsampling, crop, resize, boxes).
+        outputs: ``{name: array}`` of :func:`run_onnx` (batch ``B``).
+        image_sizes: ``(h, w)`` of each image inside the padded input (:func:`prepare_input`).
+        padded_size: ``(H, W)`` of the graph's input.
+        original_sizes: ``(height, width)`` to return the masks at (default ``image_sizes``).
+
+    Returns:
+        One dict per image: ``scores`` float32 ``(K,)``, ``labels`` int64 ``(K,)``, ``masks`` bool
+        ``(K, height, width)``, ``boxes`` float32 ``(K, 4)`` xyxy (docs/architecture.md, "Data
+        contract"), on the CPU.
+
+    Raises:
+        TypeError: the model has no ``inference``.
+    """
+    if not callable(getattr(model, "inference", None)):
+        raise TypeError(f"{type(model).__name__} has no inference(outputs, batched_inputs, image_sizes, padded_size)")
+    sizes = [(int(h), int(w)) for h, w in image_sizes]
+    orig = sizes if original_sizes is None else [(int(h), int(w)) for h, w in original_sizes]
+    device = model.pixel_mean.device
+    tensors = {k: torch.as_tensor(np.asarray(v)).to(device) for k, v in outputs.items()}
+    batched = [{"height": h, "width": w} for h, w in orig]
+    with torch.no_grad():
+        results = model.inference(tensors, batched, sizes, tuple(int(s) for s in padded_size))
+    return [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in results]
