@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["OnnxNetwork", "export_onnx", "verify_onnx", "finish_postprocess", "prepare_input", "run_onnx",
-           "INPUT_NAME"]
+__all__ = ["OnnxNetwork", "OnnxRuntimeModel", "export_onnx", "verify_onnx", "finish_postprocess", "prepare_input",
+           "run_onnx", "INPUT_NAME"]
 
 #: Name of the graph's input.
 INPUT_NAME = "image"
@@ -305,3 +305,78 @@ def finish_postprocess(model: nn.Module, outputs: Dict[str, np.ndarray], image_s
     with torch.no_grad():
         results = model.inference(tensors, batched, sizes, tuple(int(s) for s in padded_size))
     return [{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in r.items()} for r in results]
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An exported file behind the data-contract interface, ``model(list_of_dicts) -> list_of_dicts``,
+    so that :func:`instseg.evaluation.timing.benchmark_model` times it like the PyTorch model.
+
+    One call, per input dict: :func:`prepare_input` (to the graph's fixed input size, or padded to
+    ``MODEL.SIZE_DIVISIBILITY`` for a dynamic graph), the ONNX Runtime session run
+    (``CPUExecutionProvider``), and :func:`finish_postprocess` with ``model`` (the meta-architecture
+    the file came from, used only for its ``inference`` and pixel mean; its weights play no part).
+
+    Args:
+        onnx_path: the file of :func:`export_onnx`.
+        model: the PyTorch meta-architecture (its post-processing code); kept as a submodule, on
+            the CPU.
+        intra_op_threads: ONNX Runtime's intra-op threads (default ``torch.get_num_threads()``, so
+            that both backends use the same number of threads).
+
+    Attributes:
+        input_size: ``(H, W)`` of a fixed-size graph, ``None`` when its height / width are dynamic.
+        intra_op_threads: the threads the session was created with.
+
+    Raises:
+        ImportError: onnxruntime is not installed (``pip install .[export]``).
+        FileNotFoundError: ``onnx_path`` does not exist.
+        ValueError: the graph has no input named ``image`` of rank 4.
+    """
+
+    def __init__(self, onnx_path: str, model: nn.Module, intra_op_threads: Optional[int] = None) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise ImportError("onnxruntime is not installed: pip install .[export] (onnx, onnxruntime)") from e
+        import os
+
+        if not os.path.isfile(str(onnx_path)):
+            raise FileNotFoundError(f"ONNX file not found: {onnx_path}")
+        self.onnx_path = str(onnx_path)
+        self.model = model.cpu().eval()
+        self.intra_op_threads = int(intra_op_threads or torch.get_num_threads())
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.intra_op_threads
+        self.session = ort.InferenceSession(self.onnx_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if INPUT_NAME not in inputs or len(inputs[INPUT_NAME].shape) != 4:
+            raise ValueError(f"{self.onnx_path}: expected an input {INPUT_NAME!r} of shape (1, 3, H, W), "
+                             f"got {[(i.name, i.shape) for i in inputs.values()]}")
+        hw = inputs[INPUT_NAME].shape[2:]
+        self.input_size = tuple(int(s) for s in hw) if all(isinstance(s, int) for s in hw) else None
+        self.pixel_mean = [float(v) for v in model.pixel_mean.flatten().tolist()]
+        self.size_divisibility = int(getattr(model, "size_divisibility", 32) or 1)
+
+    def check_inputs(self, inputs: Sequence[Dict]) -> None:
+        """Raise ``ValueError`` when an image (``"image"`` ``(3, h, w)``) is larger than a fixed
+        graph's input size (it would be scaled down, so not what the PyTorch model sees)."""
+        if self.input_size is None:
+            return
+        H, W = self.input_size
+        for x in inputs:
+            h, w = (int(s) for s in x["image"].shape[-2:])
+            if h > H or w > W:
+                name = x.get("file_name", "an image")
+                raise ValueError(
+                    f"{self.onnx_path}: input size {H}x{W} is smaller than the resized test image {name} "
+                    f"({h}x{w}); export with a larger --input-size (at least INPUT.MAX_SIZE_TEST square)")
+
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict[str, torch.Tensor]]:
+        results = []
+        for x in batched_inputs:
+            arr, hw = prepare_input(x["image"], self.input_size, self.pixel_mean, self.size_divisibility)
+            outs = run_onnx(self.onnx_path, arr, session=self.session)
+            h0, w0 = x.get("height", hw[0]), x.get("width", hw[1])
+            results += finish_postprocess(self.model, outs, [hw], tuple(arr.shape[-2:]), [(h0, w0)])
+        return results

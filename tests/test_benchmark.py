@@ -193,3 +193,30 @@ def test_default_argument_parser():
     assert register_cli_datasets(p.parse_args([])) == []
     with pytest.raises(FileNotFoundError):
         register_cli_datasets(p.parse_args(["--dataset", "a", "/nonexistent.json", "/nope"]))
+
+
+def test_onnxruntime_backend_needs_an_onnx_file(tmp_path, capsys):
+    """The argument checks come before onnxruntime is imported (CI has no export extra)."""
+    base = ["--num-iter", "1", "MODEL.META_ARCHITECTURE", ARCH, "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        tool.run(["--backend", "onnxruntime"] + base)
+    assert e.value.code == 2
+    assert "--backend onnxruntime needs --onnx FILE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.run(["--backend", "onnxruntime", "--onnx", str(tmp_path / "missing.onnx")] + base)
+    assert f"file not found: {tmp_path / 'missing.onnx'}" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tool.run(["--onnx", str(tmp_path / "m.onnx")] + base)  # --onnx with the default torch backend
+    assert "--onnx is for --backend onnxruntime" in capsys.readouterr().err
+    assert not (tmp_path / "benchmark.json").exists()
+
+
+def test_onnxruntime_backend_without_onnxruntime_says_how_to_install(tmp_path, monkeypatch):
+    import sys
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"pip install \.\[export\]"):
+        tool.run(["--backend", "onnxruntime", "--onnx", str(model), "MODEL.META_ARCHITECTURE", ARCH,
+                  "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path)])

@@ -125,3 +125,46 @@ def test_dynamic_export_of_a_pyramid_pooling_model_is_refused(tmp_path):
         export_onnx(predictor.model, str(tmp_path / "d.onnx"), input_size=SIZE, dynamic=True)
     with pytest.raises(ValueError, match="SIZE_DIVISIBILITY"):
         export_onnx(predictor.model, str(tmp_path / "d.onnx"), input_size=(250, 352))
+
+
+def test_benchmark_onnxruntime_backend(images, tmp_path, capsys):
+    """instseg-benchmark --backend onnxruntime: the exported file timed through the harness, with
+    the same test inputs, and the wrapper gives the model's own results."""
+    import json
+
+    from instseg.engine import Predictor
+    from instseg.export import OnnxRuntimeModel
+    from instseg.tools import benchmark_fps
+
+    predictor = Predictor.from_config_file(MODELS["sparseinst"], OPTS, weights="", allow_random=True)
+    path = tmp_path / "m.onnx"
+    export_onnx(predictor.model, str(path), input_size=SIZE)
+    out = tmp_path / "bench.json"
+    argv = ["--backend", "onnxruntime", "--onnx", str(path), "--config-file", MODELS["sparseinst"],
+            "--images", str(images[0].parent), "--num-iter", "3", "--num-warmup", "1", "--no-flops",
+            "--output", str(out)]
+    report = benchmark_fps.run(argv + OPTS + ["OUTPUT_DIR", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert f"{torch.get_num_threads()} intra-op threads" in printed and "backend:       onnxruntime" in printed
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["backend"] == "onnxruntime" and saved["onnx"] == str(path)
+    assert saved["onnx_input_size"] == list(SIZE) and saved["ort_threads"] == torch.get_num_threads()
+    assert saved["num_iter"] == 3 and saved["num_warmup"] == 1 and saved["fps"] > 0 and saved["ms_median"] > 0
+    assert saved["images"] == f"3 images from {images[0].parent}" and saved["weights"] == ""
+    assert saved["meta_architecture"] == "SparseInst" and saved["precision"] == "fp32"
+    h, w = saved["input_size"]
+    assert h <= SIZE[0] and w <= SIZE[1] and "threads" in saved["device"]
+
+    # the timed callable returns what the PyTorch model returns for the same input
+    x = predictor.preprocess(str(images[0]))
+    got = OnnxRuntimeModel(str(path), predictor.model)([x])[0]
+    with torch.no_grad():
+        ref = predictor.model([x])[0]
+    assert got["masks"].shape == ref["masks"].shape and got["masks"].shape[1:] == (x["height"], x["width"])
+    assert torch.equal(got["labels"], ref["labels"])
+
+    # a graph smaller than the resized test images is refused, naming the sizes
+    with pytest.raises(ValueError, match=r"input size 256x352 is smaller than the resized test image"):
+        benchmark_fps.run(argv + OPTS + ["OUTPUT_DIR", str(tmp_path), "INPUT.MIN_SIZE_TEST", "320",
+                                         "INPUT.MAX_SIZE_TEST", "480"])

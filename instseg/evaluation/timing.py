@@ -419,6 +419,7 @@ def benchmark_from_config(
     flops: bool = True,
     model: Optional[nn.Module] = None,
     weights: Optional[str] = None,
+    onnx: Optional[str] = None,
 ) -> Dict:
     """Benchmark a config's model on the inputs evaluation feeds it (the call behind the tool).
 
@@ -433,12 +434,28 @@ def benchmark_from_config(
 
     ``torch.backends.cudnn.benchmark`` is set to ``CUDNN_BENCHMARK``.
 
+    With ``onnx`` (a file of :func:`instseg.export.export_onnx`), what is timed is that file in
+    ONNX Runtime (``CPUExecutionProvider``, ``torch.get_num_threads()`` intra-op threads), wrapped
+    in :class:`instseg.export.OnnxRuntimeModel`: per timed call, ``prepare_input`` to the graph's
+    input size, the session run and ``finish_postprocess`` with the model of step 2 (only its
+    post-processing code: random weights are allowed and logged). Same inputs, warm-up and
+    statistics; fp32 on the CPU only. Parameters and FLOPs are those of the PyTorch network.
+    The report adds ``"backend": "onnxruntime"``, ``"onnx"``, ``"onnx_input_size"`` ([H, W], or
+    None when dynamic), ``"ort_threads"`` and ``"onnxruntime"`` (its version).
+
     Returns:
         ``{"meta_architecture", "weights", "num_classes", "images" (where the inputs came from),
         "test_resize": [MIN_SIZE_TEST, MAX_SIZE_TEST], **benchmark_model's result, "params",
         "params_m", "gflops" (None when skipped or failed), "flops_input_size", "flops_counted"
         or "flops_error"}``.
+
+    Raises:
+        ValueError: ``onnx`` with ``precision`` other than fp32 or ``channels_last``; an ONNX input
+            size smaller than a resized test image (:meth:`instseg.export.OnnxRuntimeModel.check_inputs`).
+        ImportError / FileNotFoundError: ``onnx`` without onnxruntime / a missing file.
     """
+    if onnx and (precision != "fp32" or channels_last):
+        raise ValueError("the onnxruntime backend times fp32 on the CPU: no fp16 / bf16 / channels_last")
     if num_iter < 1 or num_warmup < 0:
         raise ValueError(f"need num_iter >= 1 and num_warmup >= 0, got {num_iter}, {num_warmup}")
     if num_images is None:
@@ -457,9 +474,26 @@ def benchmark_from_config(
 
         load_checkpoint(model, weights)
     model.eval()
-    result = benchmark_model(model, inputs, num_warmup=num_warmup, num_iter=num_iter,
-                             precision=precision, channels_last=channels_last,
-                             device=cfg.MODEL.DEVICE or None)
+    if onnx:
+        from ..export import OnnxRuntimeModel
+
+        if not weights:
+            logger.info("onnxruntime backend: the PyTorch model is randomly initialized; it only "
+                        "supplies the post-processing code, its weights play no part in the timing")
+        timed = OnnxRuntimeModel(onnx, model)
+        timed.check_inputs(inputs)
+        print(f"ONNX Runtime: CPUExecutionProvider, {timed.intra_op_threads} intra-op threads "
+              "(torch.get_num_threads())")
+        result = benchmark_model(timed, inputs, num_warmup=num_warmup, num_iter=num_iter, device="cpu")
+        import onnxruntime
+
+        result.update({"backend": "onnxruntime", "onnx": str(onnx),
+                       "onnx_input_size": list(timed.input_size) if timed.input_size else None,
+                       "ort_threads": timed.intra_op_threads, "onnxruntime": onnxruntime.__version__})
+    else:
+        result = benchmark_model(model, inputs, num_warmup=num_warmup, num_iter=num_iter,
+                                 precision=precision, channels_last=channels_last,
+                                 device=cfg.MODEL.DEVICE or None)
     report = {
         "meta_architecture": cfg.MODEL.META_ARCHITECTURE,
         "weights": weights or "",
@@ -495,6 +529,16 @@ def format_benchmark_report(report: Dict) -> str:
     lines = [
         f"Benchmark of {b['meta_architecture']}{config}",
         f"  weights:       {b['weights'] or '(random initialization)'}",
+    ]
+    if b.get("backend") == "onnxruntime":
+        size = b.get("onnx_input_size")
+        size = f"{size[0]} x {size[1]} input" if size else "dynamic input"
+        lines += [
+            f"  backend:       onnxruntime {b.get('onnxruntime', '')} (CPUExecutionProvider, "
+            f"{b['ort_threads']} intra-op threads)",
+            f"  onnx:          {b['onnx']} ({size})",
+        ]
+    lines += [
         f"  device:        {b['device']}",
         f"  precision:     {b['precision']}" + ("  (channels_last)" if b["channels_last"] else ""),
         f"  input size:    {h} x {w} (H x W, after the {resize}; {b['images']})",

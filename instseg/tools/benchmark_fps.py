@@ -12,6 +12,14 @@ Examples::
         --images datasets/coco/val2017 --fp16 MODEL.WEIGHTS sparse_inst_r50_giam.pth
     instseg-benchmark --config-file configs/Base-SparseInst.yaml --input-size 640 640
     python tools/benchmark_fps.py ...     # the same, from a source checkout
+    instseg-benchmark --backend onnxruntime --onnx model.onnx \\
+        --config-file configs/sparseinst/R50_giam.yaml --images datasets/coco/val2017
+
+``--backend onnxruntime --onnx FILE`` times an exported file (``instseg-export``) with the same
+harness, inputs and statistics: per timed image, ``prepare_input`` to the ONNX input size, the ONNX
+Runtime run (CPUExecutionProvider, ``torch.get_num_threads()`` intra-op threads) and the model's
+post-processing (``finish_postprocess``; the PyTorch model of the config supplies that code only,
+so empty MODEL.WEIGHTS is allowed). Needs ``pip install .[export]``; fp32 on the CPU only.
 
 Images: ``--images DIR`` (the first --num-iter files by name), ``--test-set`` (the first
 --num-iter images of DATASETS.TEST[0], e.g. one registered with --dataset), or by default
@@ -60,6 +68,10 @@ def get_parser() -> argparse.ArgumentParser:
                         help="original size of the synthetic images, before the test resize "
                         "(default: INPUT.MIN_SIZE_TEST square)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="what runs the network: the PyTorch model (default) or --onnx in ONNX Runtime")
+    parser.add_argument("--onnx", default="", metavar="FILE",
+                        help="the exported file (instseg-export) for --backend onnxruntime")
     parser.add_argument("--output", default="", metavar="JSON",
                         help="where to write the report (default: OUTPUT_DIR/benchmark.json)")
     add_dataset_argument(parser)
@@ -109,6 +121,20 @@ def run(argv=None) -> Dict:
         parser.error("--input-size applies to synthetic images, not to --test-set")
     if args.num_iter < 1 or args.num_warmup < 0:
         parser.error("--num-iter must be >= 1 and --num-warmup >= 0")
+    if args.backend == "onnxruntime":
+        if not args.onnx:
+            parser.error("--backend onnxruntime needs --onnx FILE (an exported model: instseg-export)")
+        if not os.path.isfile(args.onnx):
+            parser.error(f"--onnx: file not found: {args.onnx}")
+        if args.fp16 or args.bf16 or args.channels_last:
+            parser.error("--backend onnxruntime times fp32 on the CPU: no --fp16 / --bf16 / --channels-last")
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as e:
+            raise ImportError("--backend onnxruntime: onnxruntime is not installed: pip install .[export] "
+                              "(onnx, onnxruntime)") from e
+    elif args.onnx:
+        parser.error("--onnx is for --backend onnxruntime")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     from instseg.evaluation.timing import benchmark_from_config, format_benchmark_report
 
@@ -127,6 +153,7 @@ def run(argv=None) -> Dict:
         num_iter=args.num_iter, num_warmup=args.num_warmup,
         precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
         channels_last=args.channels_last, flops=not args.no_flops,
+        **({"onnx": args.onnx} if args.backend == "onnxruntime" else {}),
     )
     report = {"meta_architecture": result.pop("meta_architecture"), "config_file": args.config_file,
               **result}
