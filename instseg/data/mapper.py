@@ -30,7 +30,7 @@ from .polygons import Polygons
 from .transforms import boxes_from_masks, build_augmentation
 from .validation import AnnotationError, DatasetError, Defect, ImageDecodeError, check_polygons, check_rle, location
 
-__all__ = ["DatasetMapper", "ImageDecodeError", "read_image", "annotations_to_masks"]  # ImageDecodeError: from .validation
+__all__ = ["DatasetMapper", "ImageDecodeError", "read_image", "read_dataset_image", "annotations_to_masks"]  # ImageDecodeError: from .validation
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,37 @@ def read_image(file_name: str) -> np.ndarray:
     # the channel swap as OpenCV's cvtColor: the same pixels as img[:, :, ::-1], contiguous, and
     # several times faster than numpy's copy of the reversed view
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def read_dataset_image(dataset_dict: Dict[str, Any]):
+    """Read a dataset dict's ``"file_name"`` (:func:`read_image`) and check its size against the
+    dict's ``height`` / ``width``.
+
+    Returns:
+        ``(image, out)``: ``uint8 (H, W, 3)`` RGB, and the start of the mapped dict, ``{"height",
+        "width"}`` (the ORIGINAL size: the dict's, else the decoded one), ``"image_id"``,
+        ``"file_name"``.
+
+    Raises:
+        FileNotFoundError, ImageDecodeError: see :func:`read_image`.
+        DatasetError: the decoded size differs from the dict's (file and image id named).
+    """
+    file_name = dataset_dict["file_name"]
+    image = read_image(file_name)
+    h, w = image.shape[:2]
+    exp_h, exp_w = dataset_dict.get("height"), dataset_dict.get("width")
+    if (exp_h is not None and exp_h != h) or (exp_w is not None and exp_w != w):
+        raise DatasetError(
+            f"{location(file_name, image_id=dataset_dict.get('image_id'))}: the decoded image has "
+            f"size (h={h}, w={w}) but its dataset dict says (h={exp_h}, w={exp_w})"
+        )
+    out: Dict[str, Any] = {
+        "height": int(exp_h if exp_h is not None else h),
+        "width": int(exp_w if exp_w is not None else w),
+        "image_id": dataset_dict.get("image_id"),
+        "file_name": file_name,
+    }
+    return image, out
 
 
 _mapper_clip_warnings = [0]
@@ -245,21 +276,9 @@ class DatasetMapper:
         )
 
     def __call__(self, dataset_dict: Dict[str, Any]) -> Dict[str, Any]:
-        file_name = dataset_dict["file_name"]
-        image = read_image(file_name)
+        image, out = read_dataset_image(dataset_dict)
+        file_name = out["file_name"]
         h, w = image.shape[:2]
-        exp_h, exp_w = dataset_dict.get("height"), dataset_dict.get("width")
-        if (exp_h is not None and exp_h != h) or (exp_w is not None and exp_w != w):
-            raise DatasetError(
-                f"{location(file_name, image_id=dataset_dict.get('image_id'))}: the decoded image has "
-                f"size (h={h}, w={w}) but its dataset dict says (h={exp_h}, w={exp_w})"
-            )
-        out: Dict[str, Any] = {
-            "height": int(exp_h if exp_h is not None else h),
-            "width": int(exp_w if exp_w is not None else w),
-            "image_id": dataset_dict.get("image_id"),
-            "file_name": file_name,
-        }
         img_t = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous())
 
         if not self.is_train:

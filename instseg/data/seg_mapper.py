@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torchvision import tv_tensors
 
-from .mapper import DatasetMapper, read_image
+from .mapper import DatasetMapper, read_dataset_image
 from .transforms import RandomCrop, _Transform, boxes_from_masks, build_augmentation
-from .validation import DatasetError, ImageDecodeError, location
+from .validation import DatasetError, ImageDecodeError
 
 __all__ = [
     "MAPPER_NAMES",
@@ -219,23 +219,6 @@ class _SegMapperBase:
                 out[key] = dataset_dict[key]
         return out
 
-    def _read_image(self, dataset_dict: Dict[str, Any]):
-        file_name = dataset_dict["file_name"]
-        image = read_image(file_name)
-        h, w = image.shape[:2]
-        exp_h, exp_w = dataset_dict.get("height"), dataset_dict.get("width")
-        if (exp_h is not None and exp_h != h) or (exp_w is not None and exp_w != w):
-            raise DatasetError(
-                f"{location(file_name, image_id=dataset_dict.get('image_id'))}: the decoded image has "
-                f"size (h={h}, w={w}) but its dataset dict says (h={exp_h}, w={exp_w})")
-        out = {
-            "height": int(exp_h if exp_h is not None else h),
-            "width": int(exp_w if exp_w is not None else w),
-            "image_id": dataset_dict.get("image_id"),
-            "file_name": file_name,
-        }
-        return image, out
-
     @staticmethod
     def _check_size(label: np.ndarray, image: np.ndarray, label_file: str, image_file: str) -> None:
         if label.shape[:2] != image.shape[:2]:
@@ -305,7 +288,7 @@ class SemanticDatasetMapper(_SegMapperBase):
         if "sem_seg_file_name" not in dataset_dict:
             raise KeyError(f"{dataset_dict.get('file_name')}: the semantic mapper needs 'sem_seg_file_name' "
                            "in the dataset dict")
-        image, out = self._read_image(dataset_dict)
+        image, out = read_dataset_image(dataset_dict)
         sem_file = dataset_dict["sem_seg_file_name"]
         label = read_label_map(sem_file)
         self._check_size(label, image, sem_file, out["file_name"])
@@ -362,7 +345,7 @@ class PanopticDatasetMapper(_SegMapperBase):
         for key in ("pan_seg_file_name", "segments_info"):
             if key not in dataset_dict:
                 raise KeyError(f"{dataset_dict.get('file_name')}: the panoptic mapper needs {key!r} in the dataset dict")
-        image, out = self._read_image(dataset_dict)
+        image, out = read_dataset_image(dataset_dict)
         pan_file = dataset_dict["pan_seg_file_name"]
         ids = read_panoptic_ids(pan_file)
         self._check_size(ids, image, pan_file, out["file_name"])
