@@ -88,14 +88,9 @@ def numpy_proxy() -> types.ModuleType:
 
 
 @contextlib.contextmanager
-def patched_instance_evaluation(work_dir: Optional[str] = None) -> Iterator[types.ModuleType]:
-    """``with patched_instance_evaluation(work_dir) as cs_eval:`` gives cityscapesscripts'
-    ``evalInstanceLevelSemanticLabeling`` module with the two fixes of the module docstring applied
-    to its namespace (``matches.json`` goes to ``work_dir`` when given). Re-entrant and
-    thread-safe (a lock is held inside the block); the module's names are restored on exit.
-    """
-    import cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling as cs_eval
-
+def _patched(cs_eval: types.ModuleType, work_dir: Optional[str]) -> Iterator[types.ModuleType]:
+    """Apply the two fixes of the module docstring to a cityscapesscripts evaluation module's
+    namespace for the ``with`` block (lock held; the old names restored on exit)."""
     with _LOCK:
         saved = {k: cs_eval.__dict__[k] for k in ("np", "writeDict2JSON")}
         cs_eval.np = numpy_proxy()
@@ -107,17 +102,24 @@ def patched_instance_evaluation(work_dir: Optional[str] = None) -> Iterator[type
 
 
 @contextlib.contextmanager
+def patched_instance_evaluation(work_dir: Optional[str] = None) -> Iterator[types.ModuleType]:
+    """``with patched_instance_evaluation(work_dir) as cs_eval:`` gives cityscapesscripts'
+    ``evalInstanceLevelSemanticLabeling`` module with the two fixes of the module docstring applied
+    to its namespace (``matches.json`` goes to ``work_dir`` when given). Re-entrant and
+    thread-safe (a lock is held inside the block); the module's names are restored on exit.
+    """
+    import cityscapesscripts.evaluation.evalInstanceLevelSemanticLabeling as cs_eval
+
+    with _patched(cs_eval, work_dir) as m:
+        yield m
+
+
+@contextlib.contextmanager
 def patched_pixel_evaluation(work_dir: Optional[str] = None) -> Iterator[types.ModuleType]:
     """The same two fixes for cityscapesscripts' ``evalPixelLevelSemanticLabeling`` (its
     ``evaluatePair`` calls ``np.in1d`` for the instance-level iIoU; its ``writeJSONFile`` uses
     ``writeDict2JSON``), as ``with patched_pixel_evaluation() as cs_eval:``."""
     import cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling as cs_eval
 
-    with _LOCK:
-        saved = {k: cs_eval.__dict__[k] for k in ("np", "writeDict2JSON")}
-        cs_eval.np = numpy_proxy()
-        cs_eval.writeDict2JSON = lambda d, f: write_dict_to_json(d, f, base_dir=work_dir)
-        try:
-            yield cs_eval
-        finally:
-            cs_eval.__dict__.update(saved)
+    with _patched(cs_eval, work_dir) as m:
+        yield m
