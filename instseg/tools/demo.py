@@ -25,11 +25,11 @@ import argparse
 import glob
 import logging
 import os
-import re
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from instseg.utils.cli import CONFIG_FILE_REQUIRED, add_allow_partial_weights_argument, add_dataset_argument
+from instseg.utils.cli import (CONFIG_FILE_REQUIRED, add_allow_partial_weights_argument, add_dataset_argument,
+                               split_trailing_opts)
 
 __all__ = ["get_parser", "run", "main", "collect_inputs", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
 
@@ -206,22 +206,6 @@ def _run_stream(drawer: _Drawer, cap, output: str, name: str, show: bool) -> Lis
     return [path] if writer is not None else []
 
 
-_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
-
-
-def _split_trailing_opts(args: argparse.Namespace) -> None:
-    """``--input a.jpg MODEL.WEIGHTS w``: ``--input`` takes every word up to the next flag, so the
-    first word that is a config key (``SECTION.KEY``, upper case) and all after it are moved to
-    the overrides."""
-    if not args.input:
-        return
-    for i, word in enumerate(args.input):
-        if _CONFIG_KEY.match(word) and not os.path.exists(word):
-            args.opts = args.input[i:] + list(args.opts or [])
-            args.input = args.input[:i]
-            return
-
-
 def run(argv=None) -> List[str]:
     """Parse ``argv``, predict and draw; returns the files written.
 
@@ -233,7 +217,7 @@ def run(argv=None) -> List[str]:
     """
     p = get_parser()
     args = p.parse_args(argv)
-    _split_trailing_opts(args)
+    split_trailing_opts(args, "input")
     if not args.config_file:
         p.error(CONFIG_FILE_REQUIRED)
     if not args.input and not args.webcam:

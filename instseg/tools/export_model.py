@@ -30,7 +30,8 @@ import os
 import sys
 from typing import List, Optional
 
-from instseg.utils.cli import CONFIG_FILE_REQUIRED, add_allow_partial_weights_argument, add_dataset_argument
+from instseg.utils.cli import (CONFIG_FILE_REQUIRED, add_allow_partial_weights_argument, add_dataset_argument,
+                               split_trailing_opts)
 
 __all__ = ["get_parser", "run", "main", "default_images", "MIN_MASK_IOU"]
 
@@ -78,19 +79,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _split_trailing_opts(args: argparse.Namespace) -> None:
-    """``--images a.jpg MODEL.WEIGHTS w``: the first config key and all after it are overrides."""
-    from instseg.tools.demo import _CONFIG_KEY
-
-    if not args.images:
-        return
-    for i, word in enumerate(args.images):
-        if _CONFIG_KEY.match(word) and not os.path.exists(word):
-            args.opts = args.images[i:] + list(args.opts or [])
-            args.images = args.images[:i]
-            return
-
-
 def run(argv=None) -> int:
     """Parse ``argv``, export, verify and print the table; returns the exit status (0 pass, 1 fail).
 
@@ -101,7 +89,7 @@ def run(argv=None) -> int:
     """
     p = get_parser()
     args = p.parse_args(argv)
-    _split_trailing_opts(args)
+    split_trailing_opts(args, "images")
     if not args.config_file:
         p.error(CONFIG_FILE_REQUIRED)
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import List, Optional
 
@@ -149,3 +150,20 @@ def register_cli_datasets(args: argparse.Namespace) -> List[str]:
             register_cityscapes_instances(name, image_dir, gt_dir)
         names.append(name)
     return names
+
+
+_CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+def split_trailing_opts(args: argparse.Namespace, attr: str) -> None:
+    """``--input a.jpg MODEL.WEIGHTS w``: a list flag (``nargs="+"``, ``args.<attr>``) takes every
+    word up to the next flag, so the first word that is a config key (``SECTION.KEY``, upper
+    case, not an existing path) and all after it are moved to ``args.opts`` (in place)."""
+    words = getattr(args, attr)
+    if not words:
+        return
+    for i, word in enumerate(words):
+        if _CONFIG_KEY.match(word) and not os.path.exists(word):
+            args.opts = list(words[i:]) + list(args.opts or [])
+            setattr(args, attr, words[:i])
+            return
