@@ -50,6 +50,21 @@ def coco128(shared_data: Path) -> Path:
     return path
 
 
+#: Three coco128-seg images of different sizes (640x480, 640x426, 640x428).
+COCO128_THREE = ["000000000009.jpg", "000000000025.jpg", "000000000030.jpg"]
+
+
+@pytest.fixture(scope="module")
+def coco128_three_images(coco128, tmp_path_factory) -> list:
+    """Copies (in a temporary folder, so tools may write beside them) of :data:`COCO128_THREE`."""
+    import shutil
+
+    dst = tmp_path_factory.mktemp("coco128_three")
+    for name in COCO128_THREE:
+        shutil.copy(coco128 / "images" / name, dst / name)
+    return [dst / n for n in COCO128_THREE]
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` are skipped (with a reason) where no CUDA device is visible."""
     import torch

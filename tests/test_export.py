@@ -4,7 +4,6 @@ post-processing of the ONNX outputs against the model's full forward, and the CL
 Skipped without the ``export`` extra (onnx, onnxruntime) or without ../shared data."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +29,8 @@ ATOL, RTOL = 1e-3, 1e-3  # the CLI's default tolerance: max abs diff <= ATOL + R
 
 
 @pytest.fixture(scope="module")
-def images(coco128, tmp_path_factory) -> list:
-    dst = tmp_path_factory.mktemp("export_images")
-    for name in IMAGES:
-        shutil.copy(coco128 / "images" / name, dst / name)
-    return [dst / n for n in IMAGES]
+def images(coco128_three_images) -> list:
+    return coco128_three_images
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))

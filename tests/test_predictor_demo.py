@@ -6,7 +6,6 @@ size) on real coco128-seg images (``../shared/data``; skipped when missing), cop
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,8 @@ IMAGES = ["000000000009.jpg", "000000000025.jpg", "000000000030.jpg"]
 
 
 @pytest.fixture(scope="module")
-def images(coco128, tmp_path_factory) -> list:
-    """Copies of three coco128-seg images (different sizes)."""
-    dst = tmp_path_factory.mktemp("predictor_images")
-    for name in IMAGES:
-        shutil.copy(coco128 / "images" / name, dst / name)
-    return [dst / n for n in IMAGES]
+def images(coco128_three_images) -> list:
+    return coco128_three_images
 
 
 @pytest.fixture(scope="module")
