@@ -17,7 +17,7 @@ probabilities are pasted into those boxes scaled to the original image size, for
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -168,7 +168,43 @@ class FASSST(MetaArchBase):
         return self.inference(parts, pyramid, batched_inputs, sizes, padded)
 
     @torch.no_grad()
-    def inference(self, parts, pyramid, batched_inputs, image_sizes, padded_size) -> List[Dict[str, torch.Tensor]]:
+    def internals(self, batched_inputs: List[Dict], score_threshold: float = 0.5) -> List[Dict]:
+        """Per image the result of ``self(batched_inputs)`` and one ``"boxes"`` panel: the box of
+        every one of the ``n`` slots of the instance information tensor ``I`` (the IAM's box
+        regression, Eq. 2, ``sigmoid`` of the ``(t, l, b, r)`` logits at the padded input size,
+        before the clipping, the RFF and the mask tail), in original pixels, the kept slots
+        (:func:`instseg.modeling.internals.select_kept`) marked with their result row. A kept
+        slot's output box is its slot box clipped to the image. (FASSST's IAM pools to the slot
+        grid: it has no per-instance activation map to show.) See
+        :meth:`instseg.modeling.MetaArchBase.internals`."""
+        from instseg.modeling.internals import boxes_panel, input_to_original, select_kept
+
+        self._check_internals_mode()
+        images, sizes = self.preprocess_images(batched_inputs)
+        padded = (int(images.shape[-2]), int(images.shape[-1]))
+        slots, pyramid = self._features(images)
+        parts = self.iam.split(slots)
+        slot_indices: List[torch.Tensor] = []
+        results = self.inference(parts, pyramid, batched_inputs, sizes, padded, slot_indices=slot_indices)
+        boxes_all = tlbr_to_xyxy(parts["box_logits"].float().sigmoid(), padded[0], padded[1])
+        n = boxes_all.shape[1]
+        out = []
+        for i, (res, x) in enumerate(zip(results, batched_inputs)):
+            out_size = (int(x.get("height", sizes[i][0])), int(x.get("width", sizes[i][1])))
+            rows = select_kept(res["scores"], score_threshold)
+            slot_rows = torch.full((n,), -1, dtype=torch.int64)
+            slot_rows[slot_indices[i][rows.to(slot_indices[i].device)].cpu()] = rows
+            out.append({"result": res, "panels": [boxes_panel(
+                f"IAM slot boxes (all n = {n} slots; kept ones coloured)",
+                input_to_original(boxes_all[i], sizes[i], out_size), instances=slot_rows)]})
+        return out
+
+    @torch.no_grad()
+    def inference(self, parts, pyramid, batched_inputs, image_sizes, padded_size,
+                  slot_indices: Optional[List[torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
+        """Split slot tensor and pyramid mask features -> one result dict per image (module
+        docstring). When ``slot_indices`` is a list, the int64 ``(K,)`` slot of each result row is
+        appended to it per image (for :meth:`internals`)."""
         probs = parts["class_logits"].float().sigmoid()
         if parts["confidence_logits"] is not None:
             probs = probs * parts["confidence_logits"].float().sigmoid()[..., None]
@@ -185,6 +221,8 @@ class FASSST(MetaArchBase):
                 keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_threshold)]
             keep = keep[select_top(scores[keep], self.detections_per_image)[1]]
             kept.append((scores[keep], labels[keep], boxes[keep]))
+            if slot_indices is not None:
+                slot_indices.append(keep)
         rois = torch.cat(
             [torch.cat([torch.full((len(b), 1), float(i), device=b.device), b], dim=1) for i, (_, _, b) in enumerate(kept)]
         )

@@ -27,7 +27,7 @@ class and per thing instance), built by the dataset mapper (``INPUT.DATASET_MAPP
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -215,7 +215,93 @@ class FastInst(MetaArchBase):
         return self.inference(outputs, batched_inputs, sizes, padded)
 
     @torch.no_grad()
-    def inference(self, outputs, batched_inputs, image_sizes, padded_size) -> List[Dict[str, torch.Tensor]]:
+    def internals(self, batched_inputs: List[Dict], score_threshold: float = 0.5) -> List[Dict]:
+        """Per image the result of ``self(batched_inputs)`` and, as in the supplement's Figures
+        I-III:
+
+        * a ``"points"`` panel: the ``N_a`` IA-guided query pixels (the E4 positions the instance
+          activation-guided query proposal picks from the auxiliary classifier's score map,
+          :func:`fastinst.query_proposal.select_query_pixels`), at the centres of their 1/16
+          cells in original pixels, coloured by their score ``p_{i,k_i}`` (the best foreground
+          probability), the kept instances' queries marked (absent with learnable queries);
+        * a ``"heatmaps"`` panel: the query-to-pixel cross-attention of the last dual-path
+          decoder layer (mean over heads, E3 at 1/8, each map divided by its maximum) of the kept
+          instances' queries;
+        * a ``"heatmaps"`` panel: the same for the ``N_b`` auxiliary queries (Figure III).
+
+        The attention panels need the dual-path decoder (:class:`fastinst.dual_path_decoder.FastInstDecoder`);
+        they are absent for the Mask2Former-light baseline. See
+        :meth:`instseg.modeling.MetaArchBase.internals`.
+
+        Raises:
+            ValueError: the instance outputs are off (``MODEL.FASTINST.TEST.INSTANCE_ON``).
+        """
+        from instseg.modeling.internals import (crop_maps_to_image, heatmaps_panel, input_to_original,
+                                                normalize_maps, points_panel, select_kept)
+
+        self._check_internals_mode()
+        if not self.instance_on:
+            raise ValueError("FastInst.internals() shows instances: MODEL.FASTINST.TEST.INSTANCE_ON is False")
+        decoder = self.sem_seg_head.predictor
+        captured: Dict[str, torch.Tensor] = {}
+        hooks = []
+        if getattr(decoder, "ia_guided_queries", False):
+            hooks.append(decoder.query_proposal.register_forward_hook(
+                lambda m, i, o: captured.__setitem__("indices", o["indices"])))
+        cross = getattr(decoder, "transformer_query_cross_attention_layers", None)
+        if cross is not None:
+            hooks.append(cross[-1].multihead_attn.register_forward_hook(
+                lambda m, i, o: captured.__setitem__("attn", o[1])))
+        try:
+            images, sizes = self.preprocess_images(batched_inputs)
+            padded = tuple(images.shape[-2:])
+            outputs = self.sem_seg_head(self.backbone(images))
+        finally:
+            for h in hooks:
+                h.remove()
+        query_indices: List[torch.Tensor] = []
+        results = self.inference(outputs, batched_inputs, sizes, padded, query_indices=query_indices)
+        n_a = int(decoder.num_queries)
+        h3, w3 = outputs["pred_masks"].shape[-2:]
+        out = []
+        for i, (res, x) in enumerate(zip(results, batched_inputs)):
+            out_size = (int(x.get("height", sizes[i][0])), int(x.get("width", sizes[i][1])))
+            rows = select_kept(res["scores"], score_threshold)
+            queries = query_indices[i][rows.to(query_indices[i].device)]
+            panels = []
+            if "indices" in captured:
+                logits = outputs["proposal_logits"][i].float()
+                h4, w4 = logits.shape[-2:]
+                probs = logits.softmax(0)[:-1].amax(0).flatten()  # p_{i,k_i}
+                idx = captured["indices"][i]
+                cx = (idx % w4).float().add(0.5) * (padded[1] / w4)
+                cy = torch.div(idx, w4, rounding_mode="floor").float().add(0.5) * (padded[0] / h4)
+                point_rows = torch.full((n_a,), -1, dtype=torch.int64)
+                for r, q in reversed(list(zip(rows.tolist(), queries.tolist()))):
+                    point_rows[q] = r  # the highest-scored kept row of a query wins
+                panels.append(points_panel(
+                    f"IA-guided queries (N_a = {n_a} of the 1/16 score map), colour: score",
+                    input_to_original(torch.stack([cx, cy], 1), sizes[i], out_size), values=probs[idx],
+                    instances=point_rows))
+            if "attn" in captured:
+                attn = captured["attn"][i].float().view(-1, h3, w3)  # (N_a + N_b, h3, w3)
+                maps, extent = crop_maps_to_image(normalize_maps(attn[queries]), padded, sizes[i], out_size)
+                panels.append(heatmaps_panel("last dual-path layer: query-to-pixel cross-attention", maps, extent,
+                                             instances=rows))
+                n_b = attn.shape[0] - n_a
+                if n_b > 0:
+                    maps, extent = crop_maps_to_image(normalize_maps(attn[n_a:]), padded, sizes[i], out_size)
+                    panels.append(heatmaps_panel("auxiliary queries: cross-attention (last layer)", maps, extent,
+                                                 labels=[f"auxiliary query {j}" for j in range(n_b)]))
+            out.append({"result": res, "panels": panels})
+        return out
+
+    @torch.no_grad()
+    def inference(self, outputs, batched_inputs, image_sizes, padded_size,
+                  query_indices: Optional[List[torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
+        """Decoder outputs -> one output dict per image (module docstring). When
+        ``query_indices`` is a list and the instance outputs are on, the int64 ``(K,)`` query
+        of each result row is appended to it per image (for :meth:`internals`)."""
         probs = F.softmax(outputs["pred_logits"].float(), dim=-1)[..., :-1]  # (B, N, K)
         mask_logits = outputs["pred_masks"].float()
         k = probs.shape[2]
@@ -236,6 +322,8 @@ class FastInst(MetaArchBase):
             if self.panoptic_on:  # official: only thing classes among the top-k pairs
                 keep = torch.isin(labels, torch.tensor(self.thing_ids, device=labels.device))
                 scores, labels, queries = scores[keep], labels[keep], queries[keep]
+            if query_indices is not None:
+                query_indices.append(queries)
             # upsample each selected query once, even when it is kept with several classes
             uniq, inverse = torch.unique(queries, return_inverse=True)
             duplicates = uniq.numel() < queries.numel()

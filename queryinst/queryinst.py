@@ -12,7 +12,7 @@ Output boxes are rescaled to the original size and clipped to it.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -128,14 +128,49 @@ class QueryInst(MetaArchBase):
         return self.inference(features, stages, batched_inputs, sizes)
 
     @torch.no_grad()
-    def inference(self, features, stages, batched_inputs, image_sizes) -> List[Dict[str, torch.Tensor]]:
-        """Top-k over (query, class), masks of the last stage pasted at the original size."""
+    def internals(self, batched_inputs: List[Dict], score_threshold: float = 0.5) -> List[Dict]:
+        """Per image the result of ``self(batched_inputs)`` and ``S + 1`` ``"boxes"`` panels: the
+        learnable proposal boxes of the kept queries (the input of stage 1), then their boxes
+        ``b_t`` after each stage ``t = 1..S`` of the query-based cascade (Sparse R-CNN), in
+        original pixels, not clipped, one panel per stage; the last stage's boxes clipped to the
+        image are the output boxes. Kept: :func:`instseg.modeling.internals.select_kept`. See
+        :meth:`instseg.modeling.MetaArchBase.internals`."""
+        from instseg.modeling.internals import boxes_panel, input_to_original, select_kept
+
+        self._check_internals_mode()
+        images, sizes = self.preprocess_images(batched_inputs)
+        image_sizes = torch.tensor(sizes, dtype=torch.int64, device=self.device)
+        features = self._features(images)
+        stages = self.roi_head.forward_boxes(features, image_sizes)
+        query_indices: List[torch.Tensor] = []
+        results = self.inference(features, stages, batched_inputs, sizes, query_indices=query_indices)
+        proposals = self.roi_head.initial_proposals(image_sizes)[0]
+        out = []
+        for i, (res, x) in enumerate(zip(results, batched_inputs)):
+            out_size = (int(x.get("height", sizes[i][0])), int(x.get("width", sizes[i][1])))
+            rows = select_kept(res["scores"], score_threshold)
+            q = query_indices[i][rows.to(query_indices[i].device)]
+            per_stage = [("proposals (input of stage 1)", proposals[i])] + [
+                (f"stage {t + 1} of {len(stages)} boxes", st["boxes"][i]) for t, st in enumerate(stages)]
+            out.append({"result": res, "panels": [
+                boxes_panel(title, input_to_original(b[q], sizes[i], out_size), instances=rows)
+                for title, b in per_stage]})
+        return out
+
+    @torch.no_grad()
+    def inference(self, features, stages, batched_inputs, image_sizes,
+                  query_indices: Optional[List[torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
+        """Top-k over (query, class), masks of the last stage pasted at the original size. When
+        ``query_indices`` is a list, the int64 ``(K,)`` query of each result row is appended to
+        it per image (for :meth:`internals`)."""
         last = stages[-1]
         scores_all = last["logits"].float().sigmoid()  # (B, N, K)
         b, n, k = scores_all.shape
         topk = min(self.detections_per_image, n * k)
         flat_scores, flat_idx = scores_all.flatten(1).topk(topk, dim=1)  # sorted, highest first
         query_idx, labels = flat_idx // k, flat_idx % k
+        if query_indices is not None:
+            query_indices.extend(query_idx)
         # the mask head runs once per selected query (a query may be selected for several classes)
         uniq = [qi.unique(return_inverse=True) for qi in query_idx]
         boxes_in = [last["boxes"][i][u] for i, (u, _) in enumerate(uniq)]

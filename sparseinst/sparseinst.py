@@ -12,7 +12,7 @@ probabilities to the padded input, crop, resize to the original image, foregroun
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -95,6 +95,56 @@ class SparseInst(MetaArchBase):
         """Network only (no pre/post-processing): normalized ``(B, 3, H, W)`` -> decoder outputs."""
         return self.decoder(self.encoder(self.backbone(images)))
 
+    def iam_maps(self, iam: torch.Tensor) -> torch.Tensor:
+        """The decoder's IAM output ``(B, N*G, H/8, W/8)`` (logits; attention weights for the
+        ``cross_attention`` IAM) -> instance activation maps ``(B, N, H/8, W/8)`` in ``[0, 1]``:
+        ``sigmoid`` of the logits (the activation the decoder aggregates with, Sec. 3.3), for
+        ``softmax`` activation / cross-attention the pixel distribution divided by its maximum;
+        Group-IAM (Sec. 3.4): the mean over the G group maps of an instance."""
+        branch = self.decoder.inst_branch
+        b, _, h, w = iam.shape
+        if branch.iam_type == "cross_attention":
+            maps = iam.float()
+        elif branch.activation == "sigmoid":
+            maps = iam.float().sigmoid()
+        else:
+            maps = torch.softmax(iam.float().flatten(2) + branch.softmax_bias, dim=-1).view(b, -1, h, w)
+        if branch.groups > 1:
+            maps = maps.view(b, branch.groups, -1, h, w).mean(1)
+        if branch.iam_type == "cross_attention" or branch.activation != "sigmoid":
+            maps = maps / maps.flatten(2).amax(-1).clamp(min=1e-12)[..., None, None]
+        return maps
+
+    @torch.no_grad()
+    def internals(self, batched_inputs: List[Dict], score_threshold: float = 0.5) -> List[Dict]:
+        """Per image the result of ``self(batched_inputs)`` and one ``"heatmaps"`` panel: the IAM
+        (instance activation maps, :meth:`iam_maps`, ``(k, H/8, W/8)`` cropped to the image) of
+        the kept instances (:func:`instseg.modeling.internals.select_kept`), the paper's Fig. 4.
+        See :meth:`instseg.modeling.MetaArchBase.internals`."""
+        from instseg.modeling.internals import crop_maps_to_image, heatmaps_panel, select_kept
+
+        self._check_internals_mode()
+        captured = {}
+        hook = self.decoder.inst_branch.register_forward_hook(lambda m, i, o: captured.__setitem__("iam", o[3]))
+        try:
+            images, sizes = self.preprocess_images(batched_inputs)
+            outputs = self.flops_forward(images)
+        finally:
+            hook.remove()
+        padded = tuple(images.shape[-2:])
+        query_indices: List[torch.Tensor] = []
+        results = self.inference(outputs, batched_inputs, sizes, padded, query_indices=query_indices)
+        maps = self.iam_maps(captured["iam"])
+        groups = self.decoder.inst_branch.groups
+        title = "IAM (instance activation maps, 1/8)" + (f", mean of {groups} groups" if groups > 1 else "")
+        out = []
+        for i, (res, x) in enumerate(zip(results, batched_inputs)):
+            rows = select_kept(res["scores"], score_threshold)
+            out_size = (int(x.get("height", sizes[i][0])), int(x.get("width", sizes[i][1])))
+            m, extent = crop_maps_to_image(maps[i][query_indices[i][rows.to(maps.device)]], padded, sizes[i], out_size)
+            out.append({"result": res, "panels": [heatmaps_panel(title, m, extent, instances=rows)]})
+        return out
+
     def forward(self, batched_inputs: List[Dict]):
         images, sizes = self.preprocess_images(batched_inputs)
         outputs = self.flops_forward(images)
@@ -104,7 +154,11 @@ class SparseInst(MetaArchBase):
         return self.inference(outputs, batched_inputs, sizes, tuple(images.shape[-2:]))
 
     @torch.no_grad()
-    def inference(self, outputs, batched_inputs, image_sizes, padded_size) -> List[Dict[str, torch.Tensor]]:
+    def inference(self, outputs, batched_inputs, image_sizes, padded_size,
+                  query_indices: Optional[List[torch.Tensor]] = None) -> List[Dict[str, torch.Tensor]]:
+        """Decoder outputs -> one result dict per image (module docstring). When
+        ``query_indices`` is a list, the int64 ``(K,)`` IAM / query index of each result row is
+        appended to it per image (for :meth:`internals`)."""
         probs = outputs["pred_logits"].float().sigmoid()
         if self.rescore_with_objectness and "pred_scores" in outputs:
             probs = torch.sqrt(probs * outputs["pred_scores"].float().sigmoid())
@@ -116,6 +170,8 @@ class SparseInst(MetaArchBase):
             keep = (scores > self.cls_threshold).nonzero(as_tuple=True)[0]
             top_scores, top = select_top(scores[keep], self.detections_per_image)
             keep = keep[top]
+            if query_indices is not None:
+                query_indices.append(keep)
             scores, labels, m = top_scores, labels[keep], mask_probs[i][keep]
             if self.rescore_with_mask and scores.numel():
                 binary = (m > self.mask_threshold).float()

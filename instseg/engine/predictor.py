@@ -223,6 +223,26 @@ class Predictor:
         outputs = [_to_cpu(o) for o in outputs]
         return outputs if batched else outputs[0]
 
+    def internals(self, image: ImageInput, format: str = "RGB", score_threshold: float = 0.5) -> Dict[str, Any]:
+        """What the model does on one image (:meth:`instseg.modeling.MetaArchBase.internals`):
+        ``{"result": <the output of predictor(image), at the original size>, "panels": [...]}``
+        (panels: :mod:`instseg.modeling.internals`), every tensor on the CPU; draw it with
+        :func:`instseg.utils.visualize.draw_internals`.
+
+        Args:
+            image, format: as :meth:`__call__` (one image).
+            score_threshold: the instances whose internals are shown are those of score
+                ``>= score_threshold`` (else the few highest).
+
+        Raises:
+            NotImplementedError: the model has no ``internals`` (the message names it).
+            as :meth:`preprocess`.
+        """
+        inputs = [self.preprocess(image, format=format)]
+        with torch.no_grad():
+            out = self.model.internals(inputs, score_threshold=score_threshold)
+        return _to_cpu(out[0])
+
     def __repr__(self) -> str:
         return (f"Predictor({self.cfg.MODEL.META_ARCHITECTURE}, weights={self.weights or 'random'!r}, "
                 f"device={self.cfg.MODEL.DEVICE}, test size {self.cfg.INPUT.MIN_SIZE_TEST}/{self.cfg.INPUT.MAX_SIZE_TEST})")

@@ -124,6 +124,30 @@ class MetaArchBase(nn.Module):
         engine picks the evaluators of a test set from it. Instance segmentation by default."""
         return ("instances",)
 
+    @classmethod
+    def has_internals(cls) -> bool:
+        """Whether the model implements :meth:`internals` (``instseg-demo --show-internals``)."""
+        return cls.internals is not MetaArchBase.internals
+
+    def internals(self, batched_inputs: List[Dict], score_threshold: float = 0.5) -> List[Dict]:
+        """What the model does on each image, as pictures of its intermediates (docs/deploy.md,
+        "What the model does"): per image ``{"result": <the eval-mode output dict, equal to
+        model(batched_inputs)'s>, "panels": [...]}``, the panels as described in
+        :mod:`instseg.modeling.internals` (``"heatmaps"``, ``"points"``, ``"boxes"``), for the
+        instances of score ``>= score_threshold`` (:func:`instseg.modeling.internals.select_kept`).
+        Eval mode, no gradients. Implemented by each model in its own package.
+
+        Raises:
+            NotImplementedError: the model does not implement it (the message names the model).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement internals() (the pictures of --show-internals); "
+            "a model adds it in its own package (docs/deploy.md, 'What the model does')")
+
+    def _check_internals_mode(self) -> None:
+        if self.training:
+            raise RuntimeError(f"{type(self).__name__}.internals() needs eval mode: call model.eval() first")
+
     def preprocess_images(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """Normalize ``uint8 (3, H, W)`` RGB images and pad them into ``(B, 3, Hp, Wp)`` float32."""
         images = []

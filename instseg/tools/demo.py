@@ -16,6 +16,12 @@ and colours come from the metadata of DATASETS.TEST[0] (else DATASETS.TRAIN[0]):
 
 The weights (MODEL.WEIGHTS) are loaded strictly as by ``instseg-eval`` (``--allow-partial-weights``
 to relax); ``--random-weights`` runs a randomly initialized model (pictures of nothing, for tests).
+``--show-internals`` also writes, per image, a PNG grid of what the model does (its
+intermediates: SparseInst's IAM, FastInst's IA-guided queries and cross-attention, FASSST's slot
+boxes, QueryInst's boxes per stage; docs/deploy.md, "What the model does"): ``<output>/<name>_internals.png``;
+for a video the first frame and every ``--internals-period`` N-th (default 30) to
+``<output folder>/<video stem>_internals/frame_XXXXXX.png``
+(:meth:`instseg.modeling.MetaArchBase.internals`, :func:`instseg.utils.visualize.draw_internals`).
 Flags come before the KEY VALUE overrides. Inference: :class:`instseg.engine.Predictor`
 (docs/deploy.md); drawing: :func:`instseg.utils.visualize.draw_instances`.
 """
@@ -52,6 +58,11 @@ def get_parser() -> argparse.ArgumentParser:
                    help="lowest score of an instance to draw (default 0.5)")
     p.add_argument("--random-weights", action="store_true",
                    help="run with random initialization instead of MODEL.WEIGHTS (for tests)")
+    p.add_argument("--show-internals", action="store_true",
+                   help="also write a PNG grid of the model's intermediates per image (<output>/<name>_internals.png; "
+                        "for a video every --internals-period frames into <output>/<video>_internals/)")
+    p.add_argument("--internals-period", type=int, default=30, metavar="N",
+                   help="with --show-internals on a video or the webcam: frame 0 and every N-th frame (default 30)")
     add_allow_partial_weights_argument(p)
     add_dataset_argument(p)
     p.add_argument("opts", default=None, nargs=argparse.REMAINDER,
@@ -115,19 +126,30 @@ class _Drawer:
         self.threshold = threshold
         self.class_names, self.colors = _metadata(predictor.cfg)
 
-    def __call__(self, image, format: str = "RGB"):
-        """(drawn RGB uint8 image, seconds of prediction) for an RGB/BGR array."""
-        from instseg.utils.visualize import draw_instances
+    def __call__(self, image, format: str = "RGB", internals_path: str = ""):
+        """(drawn RGB uint8 image, seconds of prediction) for an RGB/BGR array; with
+        ``internals_path`` the prediction comes from the model's ``internals`` (the same
+        output) and their grid is written there."""
+        import numpy as np
 
-        t0 = time.perf_counter()
-        out = self.predictor(image, format=format)
-        dt = time.perf_counter() - t0
+        from instseg.utils.visualize import draw_instances, draw_internals
+
         rgb = image[:, :, ::-1] if format == "BGR" else image
+        t0 = time.perf_counter()
+        if internals_path:
+            internals = self.predictor.internals(image, format=format, score_threshold=self.threshold)
+            out = internals["result"]
+        else:
+            out = self.predictor(image, format=format)
+        dt = time.perf_counter() - t0
+        if internals_path:
+            draw_internals(np.ascontiguousarray(rgb), internals, internals_path, class_names=self.class_names,
+                           colors=self.colors, score_threshold=self.threshold)
         return draw_instances(rgb, out, class_names=self.class_names, colors=self.colors,
                               score_threshold=self.threshold), dt
 
 
-def _run_images(drawer: _Drawer, files: List[str], output: str) -> List[str]:
+def _run_images(drawer: _Drawer, files: List[str], output: str, internals: bool = False) -> List[str]:
     import cv2
     from tqdm import tqdm
 
@@ -138,10 +160,13 @@ def _run_images(drawer: _Drawer, files: List[str], output: str) -> List[str]:
     written, used = [], {}
     bar = tqdm(files, unit="img", desc="demo")
     for f in bar:
-        drawn, dt = drawer(read_image(f))
+        path = _unique_png(output, f, used) if output else ""
+        grid = path[: -len(".png")] + "_internals.png" if internals and path else ""
+        drawn, dt = drawer(read_image(f), internals_path=grid)
+        if grid:
+            written.append(grid)
         bar.set_postfix(fps=f"{1.0 / max(dt, 1e-9):.2f}", refresh=False)
         if output:
-            path = _unique_png(output, f, used)
             if not cv2.imwrite(path, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
                 raise OSError(f"could not write {path}")
             written.append(path)
@@ -156,9 +181,11 @@ def _video_output(output: str, video: str) -> str:
     return os.path.join(output, os.path.splitext(os.path.basename(video))[0] + ".mp4")
 
 
-def _run_stream(drawer: _Drawer, cap, output: str, name: str, show: bool) -> List[str]:
+def _run_stream(drawer: _Drawer, cap, output: str, name: str, show: bool, internals_period: int = 0) -> List[str]:
     """Frames of an opened ``cv2.VideoCapture`` through the model, written to a video at
-    ``output`` (same fps and frame count) and/or shown."""
+    ``output`` (same fps and frame count) and/or shown; with ``internals_period`` > 0 the
+    internals grid of frame 0 and every ``internals_period``-th frame is written to
+    ``<folder of the video>/<name stem>_internals/frame_XXXXXX.png``."""
     import cv2
     from tqdm import tqdm
 
@@ -168,13 +195,22 @@ def _run_stream(drawer: _Drawer, cap, output: str, name: str, show: bool) -> Lis
     total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
     path = _video_output(output, name) if output else ""
     writer = None
+    grids: List[str] = []
+    grid_dir = ""
+    if internals_period > 0 and path:
+        grid_dir = os.path.join(os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(name))[0] + "_internals")
+    index = 0
     bar = tqdm(total=total if total > 0 else None, unit="frame", desc="demo")
     try:
         while True:
             ok, frame = cap.read()
             if not ok:
                 break
-            drawn, dt = drawer(frame, format="BGR")
+            grid = os.path.join(grid_dir, f"frame_{index:06d}.png") if grid_dir and index % internals_period == 0 else ""
+            drawn, dt = drawer(frame, format="BGR", internals_path=grid)
+            if grid:
+                grids.append(grid)
+            index += 1
             bgr = cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)
             if path:
                 if writer is None:
@@ -203,7 +239,7 @@ def _run_stream(drawer: _Drawer, cap, output: str, name: str, show: bool) -> Lis
                 cv2.destroyAllWindows()
             except cv2.error:
                 pass
-    return [path] if writer is not None else []
+    return ([path] if writer is not None else []) + grids
 
 
 def run(argv=None) -> List[str]:
@@ -211,7 +247,9 @@ def run(argv=None) -> List[str]:
 
     Raises:
         SystemExit: (status 2, argparse) no ``--config-file``; neither ``--input`` nor
-            ``--webcam``; a video with other inputs; no MODEL.WEIGHTS and no ``--random-weights``.
+            ``--webcam``; a video with other inputs; no MODEL.WEIGHTS and no ``--random-weights``;
+            ``--show-internals`` without ``--output`` or for a model without ``internals()`` (named,
+            before the model is built); ``--internals-period`` < 1.
         FileNotFoundError: an input, the weights file or a video that cannot be opened (named).
         instseg.checkpoint.IncompleteWeightsError: the weights do not fill the model.
     """
@@ -225,6 +263,10 @@ def run(argv=None) -> List[str]:
     videos = [f for f in (args.input or []) if f.lower().endswith(VIDEO_EXTENSIONS)]
     if videos and len(args.input) > 1:
         p.error("--input: a video is processed alone (one video file, no other inputs)")
+    if args.show_internals and not args.output:
+        p.error("--show-internals writes PNG files: give --output")
+    if args.internals_period < 1:
+        p.error(f"--internals-period must be >= 1, got {args.internals_period}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(name)s] %(message)s")
     from instseg.engine.launch import setup_cfg_from_args
     from instseg.engine.predictor import Predictor
@@ -233,6 +275,14 @@ def run(argv=None) -> List[str]:
     if not cfg.MODEL.WEIGHTS and not args.random_weights:
         p.error("MODEL.WEIGHTS is required (a checkpoint written by train_net.py or a converted official "
                 "one), or --random-weights for a randomly initialized model")
+    if args.show_internals:
+        from instseg.modeling import META_ARCH_REGISTRY
+
+        arch = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        if not (hasattr(arch, "has_internals") and arch.has_internals()):
+            p.error(f"--show-internals: {cfg.MODEL.META_ARCHITECTURE} does not implement internals() "
+                    "(docs/deploy.md, 'What the model does')")
+    period = args.internals_period if args.show_internals else 0
     predictor = Predictor(cfg, weights="" if args.random_weights else None, allow_random=args.random_weights,
                           allow_partial_weights=args.allow_partial_weights)
     drawer = _Drawer(predictor, args.confidence_threshold)
@@ -243,19 +293,19 @@ def run(argv=None) -> List[str]:
         if not cap.isOpened():
             raise RuntimeError("--webcam: cv2.VideoCapture(0) could not open a camera")
         written = _run_stream(drawer, cap, os.path.join(args.output, "webcam.mp4") if args.output else "",
-                              "webcam", show=not args.output)
+                              "webcam", show=not args.output, internals_period=period)
     elif videos:
         if not os.path.isfile(videos[0]):
             raise FileNotFoundError(f"--input: video file not found: {videos[0]}")
         cap = cv2.VideoCapture(videos[0])
         if not cap.isOpened():
             raise FileNotFoundError(f"--input: cannot open video {videos[0]} (cv2.VideoCapture)")
-        written = _run_stream(drawer, cap, args.output, videos[0], show=False)
+        written = _run_stream(drawer, cap, args.output, videos[0], show=False, internals_period=period)
     else:
         files = collect_inputs(args.input)
         if not files:
             raise FileNotFoundError(f"--input: no image found in {args.input}")
-        written = _run_images(drawer, files, args.output)
+        written = _run_images(drawer, files, args.output, internals=args.show_internals)
     for path in written:
         print(f"wrote {path}")
     if not args.output:

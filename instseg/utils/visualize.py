@@ -17,7 +17,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-__all__ = ["PALETTE", "instance_colors", "draw_instances", "read_loss_csv", "plot_loss_curve"]
+__all__ = ["PALETTE", "instance_colors", "draw_instances", "draw_internals", "internals_grid_shape", "read_loss_csv",
+           "plot_loss_curve"]
 
 #: Fixed RGB colours for instances without a dataset colour (``thing_colors``), by instance index
 #: (cycled): 12 well separated hues.
@@ -134,6 +135,170 @@ def draw_instances(image: np.ndarray, output: Mapping, class_names: Optional[Seq
         texts = [f"{_name(labels[i], class_names)} {scores[i]:.2f}" for i in keep]
         canvas = draw_bounding_boxes(canvas, boxes, labels=texts, colors=inst_colors, width=int(box_width))
     return canvas.permute(1, 2, 0).contiguous().numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# internals (instseg-demo --show-internals)
+
+#: Width of one tile of :func:`draw_internals`, pixels; its height is the image's aspect times
+#: it plus :data:`TILE_TITLE_PX` for the title.
+TILE_WIDTH_PX = 320
+TILE_TITLE_PX = 28
+_DPI = 100
+
+
+def _panel_tiles(panel: Mapping) -> int:
+    return int(panel["maps"].shape[0]) if panel["kind"] == "heatmaps" else 1
+
+
+def internals_grid_shape(internals: Mapping, ncols: int = 4) -> Tuple[int, int, int]:
+    """``(tiles, rows, columns)`` of the grid :func:`draw_internals` draws: one tile for the
+    prediction overlay, one per map of a ``"heatmaps"`` panel, one per ``"points"`` / ``"boxes"``
+    panel; ``min(ncols, tiles)`` columns.
+
+    Raises:
+        KeyError, ValueError: as :func:`instseg.modeling.internals.check_internals`; ``ncols < 1``.
+    """
+    from instseg.modeling.internals import check_internals
+
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    tiles = 1 + sum(_panel_tiles(p) for p in check_internals(internals))
+    cols = min(int(ncols), tiles)
+    return tiles, int(math.ceil(tiles / cols)), cols
+
+
+def draw_internals(image: np.ndarray, internals: Mapping, path: Union[str, os.PathLike],
+                   class_names: Optional[Sequence[str]] = None, colors: Optional[Sequence[Sequence[int]]] = None,
+                   score_threshold: float = 0.5, ncols: int = 4, alpha: float = 0.5) -> str:
+    """Write one image's internals (:meth:`instseg.modeling.MetaArchBase.internals`, panels as in
+    :mod:`instseg.modeling.internals`) as a PNG grid, row by row: first the prediction overlay
+    (:func:`draw_instances` of ``internals["result"]``), then each panel's tiles, titled:
+
+    * ``"heatmaps"``: one tile per map, the image with the map (``jet`` colour map, ``[0, 1]``,
+      bilinear) blended at ``alpha`` over its ``extent``; title: the panel's title for the first
+      tile, then the map's label (default ``"<class> <score>"`` of its result row);
+    * ``"points"``: the image with the points (``viridis`` by ``values``); points of a result row
+      are larger, outlined in the row's colour; points outside the image are not shown;
+    * ``"boxes"``: the image with the boxes, a result row's box in its colour with
+      ``"<class> <score>"``, the others thin grey.
+
+    A row's colour is the one :func:`draw_instances` gives it. Each tile is
+    :data:`TILE_WIDTH_PX` wide and ``TILE_WIDTH_PX * H / W + TILE_TITLE_PX`` high: the PNG is
+    ``columns * TILE_WIDTH_PX`` x ``rows * tile height`` (:func:`internals_grid_shape`).
+    Matplotlib's Agg canvas (no pyplot).
+
+    Args:
+        image: ``uint8 (H, W, 3)`` RGB, the image the internals belong to.
+        internals: ``{"result": dict, "panels": list}`` of that image.
+        path: the PNG to write (its folder is created).
+        class_names, colors, score_threshold: as :func:`draw_instances`.
+        ncols: tiles per row.
+        alpha: heatmap opacity.
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        ValueError: ``image`` is not ``uint8 (H, W, 3)``, or a panel is malformed (named).
+        KeyError: ``internals`` lacks ``"result"`` or ``"panels"``.
+    """
+    import torch
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    overlay = draw_instances(image, internals["result"], class_names=class_names, colors=colors,
+                             score_threshold=score_threshold)
+    tiles, rows, cols = internals_grid_shape(internals, ncols)
+    h, w = image.shape[:2]
+    img_px = max(1, int(round(TILE_WIDTH_PX * h / w)))
+    tile_h = img_px + TILE_TITLE_PX
+    fig_w, fig_h = cols * TILE_WIDTH_PX, rows * tile_h
+    fig = Figure(figsize=(fig_w / _DPI, fig_h / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+
+    res = internals["result"]
+    scores = [float(x) for x in torch.as_tensor(res.get("scores", torch.zeros(0))).flatten().tolist()]
+    labels = [int(x) for x in torch.as_tensor(res.get("labels", torch.zeros(len(scores), dtype=torch.int64))).flatten().tolist()]
+    # the colours draw_instances uses: by position among the drawn rows; undrawn rows continue the palette
+    drawn = [i for i, s in enumerate(scores) if s >= score_threshold]
+    row_color = dict(zip(drawn, instance_colors([labels[i] for i in drawn], colors)))
+    others = [i for i in range(len(scores)) if i not in row_color]
+    for j, i in enumerate(others):
+        known = colors is not None and 0 <= labels[i] < len(colors)
+        row_color[i] = instance_colors([labels[i]], colors)[0] if known else PALETTE[(len(drawn) + j) % len(PALETTE)]
+
+    def rgb01(c) -> Tuple[float, float, float]:
+        return tuple(v / 255.0 for v in c)
+
+    def row_text(r: int) -> str:
+        return f"{_name(labels[r], class_names)} {scores[r]:.2f}" if 0 <= r < len(scores) else ""
+
+    count = [0]
+
+    def new_axes(title: str):
+        k = count[0]
+        count[0] += 1
+        r, c = divmod(k, cols)
+        left, bottom = c * TILE_WIDTH_PX / fig_w, 1.0 - (r * tile_h + TILE_TITLE_PX + img_px) / fig_h
+        ax = fig.add_axes((left, bottom, TILE_WIDTH_PX / fig_w, img_px / fig_h))
+        ax.imshow(image, extent=(0, w, h, 0), interpolation="bilinear")
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        ax.set_axis_off()
+        ax.set_title(title, fontsize=7, pad=3)
+        return ax
+
+    ax = new_axes(f"prediction (score >= {score_threshold:g})")
+    ax.images[0].set_data(overlay)
+    for panel in internals["panels"]:
+        kind, title = panel["kind"], str(panel.get("title", panel["kind"]))
+        inst = [int(x) for x in torch.as_tensor(panel["instances"]).tolist()]
+        if kind == "heatmaps":
+            maps = torch.as_tensor(panel["maps"]).float().numpy()
+            ew, eh = panel["extent"]
+            texts = panel.get("labels")
+            for j in range(maps.shape[0]):
+                sub = texts[j] if texts is not None else (row_text(inst[j]) or f"map {j}")
+                ax = new_axes(f"{title}\n{sub}" if j == 0 else sub)
+                ax.imshow(maps[j], extent=(0, ew, eh, 0), cmap="jet", vmin=0.0, vmax=1.0, alpha=float(alpha),
+                          interpolation="bilinear")
+                ax.set_xlim(0, w)
+                ax.set_ylim(h, 0)
+        elif kind == "points":
+            ax = new_axes(title)
+            pts = torch.as_tensor(panel["points"]).float().numpy()
+            vals = panel.get("values")
+            c = torch.as_tensor(vals).float().numpy() if vals is not None else np.full(len(pts), 0.5)
+            plain = [k for k, r in enumerate(inst) if r < 0]
+            ax.scatter(pts[plain, 0], pts[plain, 1], c=c[plain], cmap="viridis", vmin=0, vmax=1, s=9, linewidths=0)
+            for k, r in enumerate(inst):
+                if r >= 0:
+                    ax.scatter(pts[k:k + 1, 0], pts[k:k + 1, 1], c=c[k:k + 1], cmap="viridis", vmin=0, vmax=1, s=40,
+                               edgecolors=[rgb01(row_color.get(r, PALETTE[0]))], linewidths=1.5)
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+        elif kind == "boxes":
+            from matplotlib.patches import Rectangle
+
+            ax = new_axes(title)
+            boxes = torch.as_tensor(panel["boxes"]).float().numpy()
+            order = sorted(range(len(boxes)), key=lambda k: inst[k] >= 0)  # marked boxes on top
+            for k in order:
+                x1, y1, x2, y2 = (float(v) for v in boxes[k])
+                r = inst[k]
+                col = rgb01(row_color.get(r, PALETTE[0])) if r >= 0 else (0.75, 0.75, 0.75)
+                ax.add_patch(Rectangle((min(x1, x2), min(y1, y2)), abs(x2 - x1), abs(y2 - y1), fill=False,
+                                       edgecolor=col, linewidth=1.6 if r >= 0 else 0.6))
+                if r >= 0:
+                    ax.text(max(min(x1, x2), 0), max(min(y1, y2), 0), row_text(r), fontsize=6, color="white",
+                            va="top", bbox=dict(facecolor=col, edgecolor="none", pad=1.0, alpha=0.8))
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png", dpi=_DPI)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
