@@ -374,3 +374,32 @@ def test_zero_init_residual_config_key_and_frozen_stages():
     # as in mmdetection (zeroed, then frozen_stages frozen): the frozen res2 keeps its zero scales
     assert isinstance(b.body.layer1[0].bn3, FrozenBatchNorm2d)
     assert all(torch.equal(w, torch.zeros_like(w)) for w in _last_norm_scales(b))
+
+
+# ------------------------------------------------------------------------------- ResNet-18 / 34
+@pytest.mark.parametrize("depth", [18, 34])
+def test_basic_block_resnets_channels_params_and_library_keys(depth):
+    """ResNet-18/34 (basic blocks): res2..res5 with 64/128/256/512 channels (Detectron2's
+    RES2_OUT_CHANNELS 64); the body is torchvision's own model, so its parameters (fc removed)
+    and keys are torchvision's."""
+    bb = ResNetBackbone(depth=depth, norm="BN", out_features=ALL)
+    assert bb.output_shape() == {"res2": ShapeSpec(64, 4), "res3": ShapeSpec(128, 8),
+                                 "res4": ShapeSpec(256, 16), "res5": ShapeSpec(512, 32)}
+    ref = getattr(torchvision.models, f"resnet{depth}")()
+    ref_keys = {k for k in ref.state_dict() if not k.startswith("fc.")}
+    assert {k[len("body."):] for k in bb.state_dict()} == ref_keys
+    assert n_params(bb) == n_params(ref) - n_params(ref.fc)
+    bb.eval()
+    with torch.no_grad():
+        check_outputs(bb, bb(torch.randn(1, 3, H, W)))
+
+
+def test_basic_block_resnet_refusals_and_zero_init():
+    with pytest.raises(ValueError, match="bottleneck ResNet"):
+        ResNetBackbone(depth=18, deform_on_per_stage=[False, False, True, True])
+    with pytest.raises(ValueError, match="ResNet-D"):
+        ResNetBackbone(depth=18, variant="vd")
+    bb = ResNetBackbone(depth=18, norm="BN", out_features=ALL, zero_init_residual=True)
+    last = [blk.bn2.weight for layer in (bb.body.layer1, bb.body.layer2, bb.body.layer3, bb.body.layer4) for blk in layer]
+    assert len(last) == 8 and all(bool((w == 0).all()) for w in last)
+    assert bool((bb.body.layer1[0].bn1.weight == 1).all())  # only the last norm of each block

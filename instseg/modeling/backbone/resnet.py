@@ -4,7 +4,8 @@
 The library model is kept whole as ``self.body`` (its classifier removed), so the state-dict keys
 are torchvision's / timm's own (``body.conv1.weight``, ``body.layer1.0.conv1.weight``, ...) and an
 ImageNet classification checkpoint loads into ``body`` as it is. ``res2``..``res5`` are the
-outputs of ``layer1``..``layer4`` (strides 4, 8, 16, 32; channels 256, 512, 1024, 2048).
+outputs of ``layer1``..``layer4`` (strides 4, 8, 16, 32; channels 256, 512, 1024, 2048; ResNet-18 / 34,
+torchvision's basic-block ResNets, as Detectron2's ``RES2_OUT_CHANNELS: 64``: 64, 128, 256, 512).
 
 Both libraries put the stride of a bottleneck on its 3x3 conv (``STRIDE_IN_1X1: False`` in
 Detectron2 terms), which is what the official SparseInst / FastInst configs use with the
@@ -54,7 +55,9 @@ RESNET_STAGES = ("res2", "res3", "res4", "res5")
 _STAGE_TO_LAYER = {"res2": "layer1", "res3": "layer2", "res4": "layer3", "res5": "layer4"}
 _RESNET_CHANNELS = {"res2": 256, "res3": 512, "res4": 1024, "res5": 2048}
 _RESNET_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
-_DEPTHS = (50, 101, 152)
+_BASIC_CHANNELS = {"res2": 64, "res3": 128, "res4": 256, "res5": 512}  # ResNet-18 / 34 (basic blocks)
+_DEPTHS = (18, 34, 50, 101, 152)
+_BASIC_DEPTHS = (18, 34)
 VARIANTS = ("torchvision", "vd")
 
 PRETRAINED_HINT = (
@@ -88,6 +91,8 @@ def _create_body(depth: int, variant: str, pretrained: bool) -> nn.Module:
         raise ValueError(f"ResNet depth {depth} is not supported; expected one of {_DEPTHS}")
     if variant not in VARIANTS:
         raise ValueError(f"ResNet variant '{variant}' unknown; expected one of {VARIANTS}")
+    if variant == "vd" and depth in _BASIC_DEPTHS:
+        raise ValueError(f"ResNet-D (variant 'vd') is built for depths 50 / 101 / 152, not {depth}")
     if variant == "torchvision":
         name = f"torchvision.models.resnet{depth}"
         builder = getattr(torchvision.models, f"resnet{depth}")
@@ -122,13 +127,14 @@ def _create_body(depth: int, variant: str, pretrained: bool) -> nn.Module:
 
 
 def zero_init_residual_norms(body: nn.Module) -> int:
-    """Set to 0 the scale of the last norm (``bn3``) of every bottleneck of ``body`` whose norm is
-    trainable (BN / SyncBN / GN; FrozenBN is left alone). Returns how many were set."""
+    """Set to 0 the scale of the last norm (``bn3`` of a bottleneck, ``bn2`` of a basic block) of
+    every block of ``body`` whose norm is trainable (BN / SyncBN / GN; FrozenBN is left alone).
+    Returns how many were set."""
     n = 0
     with torch.no_grad():
         for layer_name in _STAGE_TO_LAYER.values():
             for block in getattr(body, layer_name, ()):
-                norm = getattr(block, "bn3", None)
+                norm = getattr(block, "bn3", None) if hasattr(block, "bn3") else getattr(block, "bn2", None)
                 if isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and norm.weight is not None:
                     norm.weight.zero_()
                     n += 1
@@ -136,10 +142,10 @@ def zero_init_residual_norms(body: nn.Module) -> int:
 
 
 class ResNetBackbone(Backbone):
-    """ResNet-50/101/152 (torchvision) or ResNet-D (timm ``resnet*d``) returning ``res2``..``res5``.
+    """ResNet-18/34/50/101/152 (torchvision) or ResNet-D (timm ``resnet*d``) returning ``res2``..``res5``.
 
     Args:
-        depth: 50, 101 or 152.
+        depth: 18, 34 (basic blocks, torchvision only), 50, 101 or 152.
         norm: ``"FrozenBN"`` (default), ``"BN"``, ``"SyncBN"`` or ``"GN"`` (see :mod:`instseg.modeling.norm`).
         out_features: names among ``res2``..``res5`` to return; stages after the last one are not
             kept (as in Detectron2, so that DDP sees no unused parameters).
@@ -192,6 +198,9 @@ class ResNetBackbone(Backbone):
         deform_on_per_stage = list(deform_on_per_stage)
         if len(deform_on_per_stage) != 4:
             raise ValueError(f"deform_on_per_stage needs 4 booleans [res2..res5], got {deform_on_per_stage}")
+        if depth in _BASIC_DEPTHS and any(deform_on_per_stage):
+            # Detectron2 refuses it too (BasicBlock has no deformable variant)
+            raise ValueError(f"deformable convs (DEFORM_ON_PER_STAGE) need a bottleneck ResNet (depth >= 50), not {depth}")
 
         self.depth, self.norm, self.variant = depth, norm, variant
         self.zero_init_residual = bool(zero_init_residual)
@@ -279,8 +288,9 @@ class ResNetBackbone(Backbone):
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         """``{"res2": ShapeSpec(256, 4), "res3": (512, 8), "res4": (1024, 16), "res5": (2048, 32)}``
-        restricted to the requested features."""
-        return {f: ShapeSpec(channels=_RESNET_CHANNELS[f], stride=_RESNET_STRIDES[f]) for f in self._out_features}
+        (ResNet-18 / 34: 64, 128, 256, 512 channels) restricted to the requested features."""
+        channels = _BASIC_CHANNELS if self.depth in _BASIC_DEPTHS else _RESNET_CHANNELS
+        return {f: ShapeSpec(channels=channels[f], stride=_RESNET_STRIDES[f]) for f in self._out_features}
 
     @property
     def size_divisibility(self) -> int:
