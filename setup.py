@@ -34,7 +34,7 @@ setup(
         "tqdm>=4.60",
         "pyyaml>=6",
     ],
-    # instseg-quickstart's default config (a copy of configs/sparseinst/smoke_R50_scratch.yaml and
+    # instseg-quickstart's default config (a copy of configs/sparseinst/quickstart_R18.yaml and
     # its _BASE_ chain), so that it runs after a non-editable install too.
     package_data={"instseg.tools": ["configs/*.yaml", "configs/*/*.yaml"]},
     extras_require={
@@ -42,7 +42,7 @@ setup(
         "test": ["pytest>=7.4", "hypothesis>=6.100"],
         "fast-eval": ["faster-coco-eval>=1.5"],
         # instseg-export: ONNX export and its check with ONNX Runtime (instseg/export.py)
-        "export": ["onnx>=1.15", "onnxruntime>=1.17"],
+        "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxslim>=0.1"],
     },
     entry_points={
         # The model packages: the core loads every entry point of this group (instseg/discovery.py)

@@ -85,7 +85,8 @@ def test_packaged_quickstart_config_is_shipped_and_matches_the_repository():
     patterns = _setup_kwargs()["package_data"]["instseg.tools"]
     copies = sorted(packaged_root.rglob("*.yaml"))
     assert {c.relative_to(packaged_root).as_posix() for c in copies} == {
-        "Base-SparseInst.yaml", "sparseinst/R50_giam.yaml", "sparseinst/smoke_R50_scratch.yaml"}
+        "Base-SparseInst.yaml", "sparseinst/R50_giam.yaml", "sparseinst/smoke_R50_scratch.yaml",
+        "sparseinst/quickstart_R18.yaml"}
     for copy in copies:
         rel = copy.relative_to(packaged_root.parent).as_posix()  # relative to instseg/tools
         assert any(fnmatch.fnmatch(rel, p) and rel.count("/") == p.count("/") for p in patterns), rel
