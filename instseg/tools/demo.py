@@ -39,7 +39,6 @@ from instseg.utils.cli import (CONFIG_FILE_REQUIRED, add_allow_partial_weights_a
 
 __all__ = ["get_parser", "run", "main", "collect_inputs", "VIDEO_EXTENSIONS", "IMAGE_EXTENSIONS"]
 
-logger = logging.getLogger("instseg.demo")
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -97,20 +96,9 @@ def _metadata(cfg) -> Tuple[Optional[List[str]], Optional[List[Tuple[int, int, i
     names = list(cfg.DATASETS.TEST) or list(cfg.DATASETS.TRAIN)
     if not names:
         return None, None
-    from instseg.data import MetadataCatalog
+    from instseg.utils.visualize import dataset_classes_and_colors
 
-    meta = MetadataCatalog.get(names[0])
-    classes = colors = None
-    try:
-        for key in ("thing_classes", "stuff_classes"):
-            if meta.has(key):
-                classes = list(meta.get(key))
-                break
-        if meta.has("thing_colors"):
-            colors = [tuple(int(c) for c in col) for col in meta.get("thing_colors")]
-    except Exception as e:  # noqa: BLE001 - e.g. a lazy field whose json is missing: draw ids
-        logger.warning("No class names from dataset %r (%s: %s): drawing class ids", names[0], type(e).__name__, e)
-    return classes, colors
+    return dataset_classes_and_colors(names[0])
 
 
 def _unique_png(folder: str, file_name: str, used: Dict[str, int]) -> str:

@@ -71,6 +71,30 @@ def _segments_of(output: Mapping) -> Tuple[Optional[object], List[int], List[flo
     raise KeyError(f"output has none of 'masks', 'panoptic_seg', 'sem_seg' (keys: {sorted(output)})")
 
 
+def dataset_classes_and_colors(dataset: str) -> Tuple[Optional[List[str]], Optional[List[Tuple[int, int, int]]]]:
+    """``(class names, RGB colours)`` of a registered dataset for :func:`draw_instances`: its
+    ``thing_classes`` (else ``stuff_classes``) and ``thing_colors`` from the MetadataCatalog,
+    ``None`` where it has none. A metadata field that cannot be read (e.g. a lazy field whose
+    json file is missing) is logged as a warning and gives ``None`` (class ids are drawn)."""
+    import logging
+
+    from instseg.data import MetadataCatalog
+
+    meta = MetadataCatalog.get(dataset)
+    classes = colors = None
+    try:
+        for key in ("thing_classes", "stuff_classes"):
+            if meta.has(key):
+                classes = list(meta.get(key))
+                break
+        if meta.has("thing_colors"):
+            colors = [tuple(int(c) for c in col) for col in meta.get("thing_colors")]
+    except Exception as e:  # noqa: BLE001 - draw ids instead of failing a picture
+        logging.getLogger(__name__).warning("No class names from dataset %r (%s: %s): drawing class ids",
+                                            dataset, type(e).__name__, e)
+    return classes, colors
+
+
 def draw_instances(image: np.ndarray, output: Mapping, class_names: Optional[Sequence[str]] = None,
                    colors: Optional[Sequence[Sequence[int]]] = None, score_threshold: float = 0.5,
                    alpha: float = 0.5, box_width: int = 2, draw_boxes: bool = True) -> np.ndarray:
