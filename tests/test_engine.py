@@ -164,6 +164,34 @@ def test_lr_scheduler_state_resumes_to_the_same_lr():
     assert resumed == pytest.approx(full[7:], rel=1e-12)
 
 
+def test_amp_precision_fp16_on_cpu_trains_in_float32(caplog):
+    """SOLVER.AMP -> Lightning precision: fp16 AMP on a CPU is float32 (as Detectron2's CUDA-only
+    autocast), with a warning; bf16 stays on any device; fp16 on CUDA is 16-mixed."""
+    import logging
+
+    from instseg.engine.launch import _precision
+
+    cfg = get_cfg()
+    assert _precision(cfg) == "32-true"  # AMP off by default
+    cfg.SOLVER.AMP.ENABLED = True
+    cfg.MODEL.DEVICE = "cpu"
+    with caplog.at_level(logging.WARNING, logger="instseg"):
+        assert _precision(cfg) == "32-true"
+    assert "float32" in caplog.text and "bf16" in caplog.text
+    cfg.SOLVER.AMP.PRECISION = "bf16"
+    assert _precision(cfg) == "bf16-mixed"
+    cfg.MODEL.DEVICE = "cuda"
+    assert _precision(cfg) == "bf16-mixed"
+    cfg.SOLVER.AMP.PRECISION = "FP16"
+    assert _precision(cfg) == "16-mixed"
+    cfg.MODEL.DEVICE = ""  # auto: the device build_trainer picks
+    assert _precision(cfg) == ("16-mixed" if torch.cuda.is_available() else "32-true")
+    assert _precision(cfg, "cpu") == "32-true"
+    cfg.SOLVER.AMP.PRECISION = "fp8"
+    with pytest.raises(ValueError, match="fp16 or bf16, got 'fp8'"):
+        _precision(cfg)
+
+
 def test_param_groups_backbone_multiplier_and_norm_decay():
     class M(torch.nn.Module):
         def __init__(self):
