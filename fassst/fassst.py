@@ -167,6 +167,43 @@ class FASSST(MetaArchBase):
             return self.criterion(parts, targets, padded, lambda rois: self.predict_masks(pyramid, rois))
         return self.inference(parts, pyramid, batched_inputs, sizes, padded)
 
+    def _slot_predictions(self, parts, padded_size, image_sizes: torch.Tensor
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per slot: ``scores`` ``(B, n)`` (max class probability, times the confidence when
+        ``IAM.CONFIDENCE``), ``labels`` int64 ``(B, n)`` (its argmax) and ``boxes`` ``(B, n, 4)``
+        xyxy input pixels clipped to each image's ``(h, w)`` (``image_sizes`` ``(B, 2)``), the
+        mask tail's RoIs. Traceable (the exported graph computes it)."""
+        probs = parts["class_logits"].float().sigmoid()
+        if parts["confidence_logits"] is not None:
+            probs = probs * parts["confidence_logits"].float().sigmoid()[..., None]
+        scores, labels = probs.max(dim=-1)
+        x1, y1, x2, y2 = tlbr_to_xyxy(parts["box_logits"].float().sigmoid(), padded_size[0], padded_size[1]).unbind(-1)
+        hw = image_sizes.to(x1.dtype)
+        h, w = hw[:, :1], hw[:, 1:]  # (B, 1): clamp(0, w) per image
+        boxes = torch.stack([torch.minimum(x1.clamp(min=0), w), torch.minimum(y1.clamp(min=0), h),
+                             torch.minimum(x2.clamp(min=0), w), torch.minimum(y2.clamp(min=0), h)], dim=-1)
+        return scores, labels, boxes
+
+    def _select(self, scores: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """One image's ``(n,)`` / ``(n, 4)`` slot predictions -> indices of the kept slots: above
+        ``SCORE_THRESHOLD``, optional class-wise NMS, the ``TEST.DETECTIONS_PER_IMAGE`` highest."""
+        keep = (scores > self.score_threshold).nonzero(as_tuple=True)[0]
+        if self.nms_threshold > 0 and keep.numel():
+            keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_threshold)]
+        return keep[select_top(scores[keep], self.detections_per_image)[1]]
+
+    def _to_instances(self, mask_probs, kept, batched_inputs, image_sizes) -> List[Dict[str, torch.Tensor]]:
+        results, start = [], 0
+        for i, (x, (scores, labels, boxes)) in enumerate(zip(batched_inputs, kept)):
+            h, w = image_sizes[i]
+            out_size = (int(x.get("height", h)), int(x.get("width", w)))
+            k = len(scores)
+            results.append(roi_masks_to_instances(
+                mask_probs[start : start + k], scores, labels, boxes, (h, w), out_size, mask_threshold=self.mask_threshold,
+            ))
+            start += k
+        return results
+
     @torch.no_grad()
     def internals(self, batched_inputs: List[Dict], score_threshold: float = 0.5) -> List[Dict]:
         """Per image the result of ``self(batched_inputs)`` and one ``"boxes"`` panel: the box of
@@ -205,35 +242,42 @@ class FASSST(MetaArchBase):
         """Split slot tensor and pyramid mask features -> one result dict per image (module
         docstring). When ``slot_indices`` is a list, the int64 ``(K,)`` slot of each result row is
         appended to it per image (for :meth:`internals`)."""
-        probs = parts["class_logits"].float().sigmoid()
-        if parts["confidence_logits"] is not None:
-            probs = probs * parts["confidence_logits"].float().sigmoid()[..., None]
-        boxes_all = tlbr_to_xyxy(parts["box_logits"].float().sigmoid(), padded_size[0], padded_size[1])
+        sizes = torch.tensor([list(hw) for hw in image_sizes], dtype=torch.int64, device=parts["box_logits"].device)
+        scores_all, labels_all, boxes_all = self._slot_predictions(parts, padded_size, sizes)
         kept = []
         for i in range(len(batched_inputs)):
-            h, w = image_sizes[i]
-            scores, labels = probs[i].max(dim=-1)
-            boxes = boxes_all[i].clone()
-            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
-            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
-            keep = (scores > self.score_threshold).nonzero(as_tuple=True)[0]
-            if self.nms_threshold > 0 and keep.numel():
-                keep = keep[batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_threshold)]
-            keep = keep[select_top(scores[keep], self.detections_per_image)[1]]
-            kept.append((scores[keep], labels[keep], boxes[keep]))
+            keep = self._select(scores_all[i], labels_all[i], boxes_all[i])
+            kept.append((scores_all[i][keep], labels_all[i][keep], boxes_all[i][keep]))
             if slot_indices is not None:
                 slot_indices.append(keep)
         rois = torch.cat(
             [torch.cat([torch.full((len(b), 1), float(i), device=b.device), b], dim=1) for i, (_, _, b) in enumerate(kept)]
         )
         mask_probs = self.predict_masks(pyramid, rois).float().sigmoid() if rois.shape[0] else rois.new_zeros((0, 1, 1))
-        results, start = [], 0
-        for i, (x, (scores, labels, boxes)) in enumerate(zip(batched_inputs, kept)):
-            h, w = image_sizes[i]
-            out_size = (int(x.get("height", h)), int(x.get("width", w)))
-            k = len(scores)
-            results.append(roi_masks_to_instances(
-                mask_probs[start : start + k], scores, labels, boxes, (h, w), out_size, mask_threshold=self.mask_threshold,
-            ))
-            start += k
-        return results
+        return self._to_instances(mask_probs, kept, batched_inputs, image_sizes)
+
+    # ------------------------------------------------------------------ export
+    def export_forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The exported graph (docs/deploy.md, "Export (ONNX)"): normalized ``(B, 3, Hp, Wp)`` and
+        ``(B, 2)`` int64 ``(h, w)`` -> per slot ``scores`` ``(B, n)``, ``labels`` int64 ``(B, n)``,
+        ``boxes`` ``(B, n, 4)`` (clipped, as :meth:`inference`) and ``pred_masks`` ``(B, n, 2S, 2S)``,
+        the mask tail's logits on all ``n`` slot boxes (the tail is per RoI, so the kept slots'
+        masks are those :meth:`inference` computes for them alone)."""
+        slots, pyramid = self._features(images)
+        scores, labels, boxes = self._slot_predictions(self.iam.split(slots), images.shape[-2:], image_sizes)
+        b, n = scores.shape
+        batch_idx = torch.arange(b, device=images.device, dtype=boxes.dtype).repeat_interleave(n)
+        masks = self.predict_masks(pyramid, torch.cat([batch_idx[:, None], boxes.flatten(0, 1)], dim=1))
+        return {"scores": scores, "labels": labels, "boxes": boxes, "pred_masks": masks.view(b, n, *masks.shape[-2:])}
+
+    @torch.no_grad()
+    def export_postprocess(self, outputs, batched_inputs, image_sizes, padded_size) -> List[Dict[str, torch.Tensor]]:
+        """:meth:`export_forward`'s outputs -> the data-contract dicts: per image the slot selection
+        of :meth:`inference` (threshold, optional NMS, top-k) and the RoI mask pasting."""
+        kept, probs = [], []
+        for i in range(len(batched_inputs)):
+            scores, labels, boxes = outputs["scores"][i].float(), outputs["labels"][i].long(), outputs["boxes"][i].float()
+            keep = self._select(scores, labels, boxes)
+            kept.append((scores[keep], labels[keep], boxes[keep]))
+            probs.append(outputs["pred_masks"][i][keep].float().sigmoid())
+        return self._to_instances(torch.cat(probs), kept, batched_inputs, image_sizes)

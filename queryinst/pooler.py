@@ -83,6 +83,14 @@ class RoIPooler(nn.Module):
         if len(features) == 1:
             return roi_align(features[0], rois, s, 1.0 / self.strides[0], self.sampling_ratio, self.aligned)
         levels = assign_fpn_levels(rois[:, 1:], len(features), self.finest_scale)
+        if torch.jit.is_tracing():
+            # ONNX export (instseg/export.py): no branch on, and no shape from, the data-dependent
+            # count of RoIs per level: every level pools every RoI and each RoI keeps the result of
+            # its own level (torch.where selects, so the values are the ones below).
+            for lvl, (feat, stride) in enumerate(zip(features, self.strides)):
+                pooled = roi_align(feat, rois, s, 1.0 / stride, self.sampling_ratio, self.aligned).to(out.dtype)
+                out = pooled if lvl == 0 else torch.where((levels == lvl)[:, None, None, None], pooled, out)
+            return out
         for lvl, (feat, stride) in enumerate(zip(features, self.strides)):
             idx = torch.nonzero(levels == lvl).squeeze(1)
             if idx.numel() == 0:

@@ -117,6 +117,44 @@ class QueryInst(MetaArchBase):
         masks = self.roi_head.forward_masks(len(stages) - 1, features, list(last["boxes"]), idx, stages)
         return {"pred_logits": last["logits"], "pred_boxes": last["boxes"], "pred_masks": masks}
 
+    def export_forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The exported graph (docs/deploy.md, "Export (ONNX)"): normalized ``(B, 3, Hp, Wp)`` and
+        ``(B, 2)`` int64 unpadded ``(h, w)`` (the initial proposals and the box clipping use it, as
+        in :meth:`forward`) -> the top ``k = min(TEST.DETECTIONS_PER_IMAGE, N x K)`` (query, class)
+        pairs of the last stage, as :meth:`inference` selects them: ``scores`` ``(B, k)`` (sorted,
+        highest first), ``labels`` int64 ``(B, k)``, ``boxes`` ``(B, k, 4)`` xyxy input pixels and
+        ``pred_masks`` ``(B, k, 2S, 2S)``, the last stage's mask logits of each pair's class. The
+        mask head runs on all ``N`` boxes (it is per RoI, so a selected query's mask is the one
+        :meth:`inference` computes for the selected queries alone)."""
+        features = self._features(images)
+        stages = self.roi_head.forward_boxes(features, image_sizes)
+        last = stages[-1]
+        b, n, k = last["logits"].shape
+        idx = [torch.arange(n, device=images.device)] * b
+        masks = self.roi_head.forward_masks(len(stages) - 1, features, list(last["boxes"]), idx, stages)
+        scores, flat_idx = last["logits"].float().sigmoid().flatten(1).topk(min(self.detections_per_image, n * k), dim=1)
+        query_idx = torch.div(flat_idx, k, rounding_mode="floor")
+        labels = flat_idx - query_idx * k
+        # (B*N, K, S, S) -> (B, N*K, S, S): pair (q, c) is row q*K + c, i.e. flat_idx
+        pair_masks = masks.reshape(b, n * k, masks.shape[-2], masks.shape[-1])
+        pair_masks = pair_masks.gather(1, flat_idx[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
+        boxes = last["boxes"].gather(1, query_idx[:, :, None].expand(-1, -1, 4))
+        return {"scores": scores, "labels": labels, "boxes": boxes, "pred_masks": pair_masks}
+
+    @torch.no_grad()
+    def export_postprocess(self, outputs, batched_inputs, image_sizes, padded_size) -> List[Dict[str, torch.Tensor]]:
+        """:meth:`export_forward`'s outputs -> the data-contract dicts (the masks pasted into the
+        boxes at the original size, as :meth:`inference`)."""
+        results = []
+        for i, x in enumerate(batched_inputs):
+            h_in, w_in = image_sizes[i]
+            out_size = (int(x.get("height", h_in)), int(x.get("width", w_in)))
+            results.append(roi_masks_to_instances(
+                outputs["pred_masks"][i].float().sigmoid(), outputs["scores"][i].float(), outputs["labels"][i].long(),
+                outputs["boxes"][i].float(), (h_in, w_in), out_size, mask_threshold=self.mask_threshold,
+            ))
+        return results
+
     def forward(self, batched_inputs: List[Dict]):
         images, sizes = self.preprocess_images(batched_inputs)
         image_sizes = torch.tensor(sizes, dtype=torch.int64, device=self.device)

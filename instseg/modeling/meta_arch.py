@@ -148,6 +148,50 @@ class MetaArchBase(nn.Module):
         if self.training:
             raise RuntimeError(f"{type(self).__name__}.internals() needs eval mode: call model.eval() first")
 
+    def export_forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """What an exported graph computes (:func:`instseg.export.export_onnx`; docs/deploy.md,
+        "Export (ONNX)"): the network and every step of the post-processing that has no
+        data-dependent count, written with traceable tensor ops.
+
+        Args:
+            images: normalized, padded ``(B, 3, Hp, Wp)`` float32 (as :meth:`preprocess_images`).
+            image_sizes: ``(B, 2)`` int64 ``(h, w)`` of each image inside the padding (the graph's
+                ``image_size`` input; unused here, so a default graph has only ``image``).
+
+        Returns:
+            ``{name: tensor}`` (the graph's outputs). Default: ``self.flops_forward(images)``, the
+            network alone; a model overrides it to put more into the graph (e.g. per-query
+            ``scores`` / ``labels`` / ``boxes`` and the mask branch on them).
+
+        Raises:
+            NotImplementedError: the subclass has no ``flops_forward``.
+        """
+        if not callable(getattr(self, "flops_forward", None)):
+            raise NotImplementedError(f"{type(self).__name__} has no flops_forward(images) / export_forward")
+        return self.flops_forward(images)
+
+    def export_postprocess(self, outputs: Dict[str, torch.Tensor], batched_inputs: List[Dict],
+                           image_sizes: List[Tuple[int, int]], padded_size: Tuple[int, int]) -> List[Dict]:
+        """What stays in Python after an exported graph: :meth:`export_forward`'s outputs (batch
+        ``B``, as tensors) -> one data-contract dict per image (docs/architecture.md, "Data
+        contract"), equal to ``self(batched_inputs)`` in eval mode.
+
+        Args:
+            outputs: the graph's outputs by name.
+            batched_inputs: per image ``{"height", "width"}`` at least (the output size).
+            image_sizes: ``(h, w)`` of each image inside the padded input.
+            padded_size: ``(Hp, Wp)`` of the graph's input.
+
+        Default: ``self.inference(outputs, batched_inputs, image_sizes, padded_size)`` (the
+        models whose ``inference`` takes ``flops_forward``'s outputs).
+
+        Raises:
+            NotImplementedError: the subclass has no such ``inference``.
+        """
+        if not callable(getattr(self, "inference", None)):
+            raise NotImplementedError(f"{type(self).__name__} has no inference(outputs, ...) / export_postprocess")
+        return self.inference(outputs, batched_inputs, image_sizes, padded_size)
+
     def preprocess_images(self, batched_inputs: List[Dict]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """Normalize ``uint8 (3, H, W)`` RGB images and pad them into ``(B, 3, Hp, Wp)`` float32."""
         images = []

@@ -1,29 +1,42 @@
-"""Export a model's network to ONNX and check it against PyTorch with ONNX Runtime.
+"""Export a model to ONNX and check it against PyTorch with ONNX Runtime.
 
-    instseg-export --format onnx --config-file F --output model.onnx [--input-size H W] MODEL.WEIGHTS W
+    instseg-export --format onnx --config-file F --output model.onnx [--input-size H W | --dynamic]
+                   [--simplify] MODEL.WEIGHTS W
     python tools/export_model.py ...      # the same, from a source checkout
 
-The graph holds the pixel normalization and the network (``model.flops_forward``); its input is
-``image``: float32 ``(1, 3, H, W)`` RGB 0-255, resized by the test transform and padded at the
-bottom / right with the pixel mean (:func:`instseg.export.prepare_input`); the post-processing
-stays in Python (:func:`instseg.export.finish_postprocess`, docs/deploy.md "Export (ONNX)").
-Without ``--input-size`` the size is ``INPUT.MAX_SIZE_TEST`` rounded up to
-``MODEL.SIZE_DIVISIBILITY``, square.
+The graph holds the pixel normalization, the network and the post-processing ONNX expresses
+(the model's ``export_forward``: SparseInst / FastInst the network's query logits and mask
+logits, FASSST per-slot scores / labels / clipped boxes and the mask tail on all slots, QueryInst
+the top-k (query, class) pairs with their boxes and mask logits). Its inputs are ``image``:
+float32 ``(1, 3, H, W)``, RGB 0-255, resized by the test transform and padded at the bottom /
+right with the pixel mean (:func:`instseg.export.prepare_input`), and, where the model uses it,
+``image_size``: int64 ``(1, 2)``, the ``(h, w)`` of the image inside the padding. What stays in
+Python (selection with a data-dependent count, mask pasting / upsampling at the output size) is
+:func:`instseg.export.finish_postprocess` (the model's ``export_postprocess``; docs/deploy.md
+"Export (ONNX)"). Without ``--input-size`` the size is ``INPUT.MAX_SIZE_TEST`` rounded up to
+``MODEL.SIZE_DIVISIBILITY``, square; ``--dynamic`` makes height and width dynamic (traced at
+that size). ``--simplify`` rewrites the file with onnxslim (skipped, with a message, when it is
+not installed); the verification runs on the file as written.
 
-After writing, the file is run with ONNX Runtime (CPUExecutionProvider) and the PyTorch network
+After writing, the file is run with ONNX Runtime (CPUExecutionProvider) and the PyTorch model
 on ``--images`` (default: 3 images of ../shared/data/coco128-seg/images when present), each
 resized as the Predictor resizes it (the test mapper), scaled down to fit a fixed input size if
-needed (keeping its aspect ratio) and padded. A table of the largest absolute / relative
-difference per output and the mask IoU (masks binarized at the model's threshold at the
-network's resolution) is printed. Exit status 1 when an output differs by more than
-``atol + rtol * max|PyTorch output|`` or the smallest mask IoU is below 0.99.
+needed (keeping its aspect ratio) and padded (a dynamic graph: padded to
+``MODEL.SIZE_DIVISIBILITY`` only). Printed: the largest absolute / relative difference per
+output, the mask IoU (masks binarized at the model's threshold at the network's resolution),
+and the final results (both sets of outputs finished by ``finish_postprocess``): instance
+counts, labels, score / box differences and the final-mask IoU per image (intersection and union
+summed over its instances; the smallest per-instance IoU is printed too). Exit status 1 when an
+output differs by more than ``atol + rtol * max|PyTorch output|``, a mask IoU (low resolution or
+final, per image) is below 0.99, or a final count / label differs.
 
-Needs the ``export`` extra (``pip install .[export]``: onnx, onnxruntime). Flags come before the
-KEY VALUE overrides.
+Needs the ``export`` extra (``pip install .[export]``: onnx, onnxruntime, onnxslim). Flags come
+before the KEY VALUE overrides.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -62,7 +75,10 @@ def get_parser() -> argparse.ArgumentParser:
                       help="fixed input size, multiples of MODEL.SIZE_DIVISIBILITY (default: INPUT.MAX_SIZE_TEST "
                       "rounded up, square)")
     size.add_argument("--dynamic", action="store_true",
-                      help="dynamic height and width (refused for models with pyramid pooling: SparseInst, FastInst)")
+                      help="dynamic height and width (traced at INPUT.MAX_SIZE_TEST rounded up, square; verified at "
+                      "each image's own padded size)")
+    p.add_argument("--simplify", action="store_true",
+                   help="simplify the graph with onnxslim (skipped with a message when onnxslim is not installed)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--random-weights", action="store_true",
                    help="export a randomly initialized model instead of MODEL.WEIGHTS (for tests)")
@@ -93,7 +109,7 @@ def run(argv=None) -> int:
     if not args.config_file:
         p.error(CONFIG_FILE_REQUIRED)
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxruntime  # noqa: F401
     except ImportError as e:
         p.error(f"{e.name} is not installed: pip install .[export] (onnx, onnxruntime)")
@@ -117,9 +133,16 @@ def run(argv=None) -> int:
     else:
         side = math.ceil(int(cfg.INPUT.MAX_SIZE_TEST) / d) * d
         size = (side, side)
-    names = export_onnx(model, args.output, input_size=size, dynamic=args.dynamic, opset=args.opset)
-    print(f"wrote {args.output} (outputs: {', '.join(names)}; input 'image' float32 (1, 3, "
-          f"{'H, W dynamic' if args.dynamic else f'{size[0]}, {size[1]}'}) RGB 0-255)")
+    simplify = args.simplify
+    if simplify and importlib.util.find_spec("onnxslim") is None:
+        print("--simplify skipped: onnxslim is not installed (pip install .[export] or pip install onnxslim)")
+        simplify = False
+    names = export_onnx(model, args.output, input_size=size, dynamic=args.dynamic, opset=args.opset,
+                        simplify=simplify)
+    inputs_declared = [i.name for i in onnx.load(args.output, load_external_data=False).graph.input]
+    print(f"wrote {args.output}{' (simplified with onnxslim)' if simplify else ''} (outputs: {', '.join(names)}; "
+          f"input 'image' float32 (1, 3, {'H, W dynamic' if args.dynamic else f'{size[0]}, {size[1]}'}) RGB 0-255"
+          f"{', image_size int64 (1, 2)' if 'image_size' in inputs_declared else ''})")
     files = args.images if args.images else default_images()
     if not files:
         print("no --images and no ../shared/data/coco128-seg/images: the export was not verified")
@@ -127,9 +150,9 @@ def run(argv=None) -> int:
     for f in files:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"--images: file not found: {f}")
-    inputs = [prepare_input(predictor.preprocess(f)["image"], None if args.dynamic else size,
-                            cfg.MODEL.PIXEL_MEAN, d)[0] for f in files]
-    result = verify_onnx(args.output, model, inputs)
+    prepared = [prepare_input(predictor.preprocess(f)["image"], None if args.dynamic else size,
+                              cfg.MODEL.PIXEL_MEAN, d) for f in files]
+    result = verify_onnx(args.output, model, [a for a, _ in prepared], image_sizes=[hw for _, hw in prepared])
     ok = True
     print(f"ONNX Runtime (CPU) vs PyTorch on {len(files)} images; tolerance atol {args.atol:g} + rtol {args.rtol:g} "
           f"x max|output|, mask IoU >= {MIN_MASK_IOU}")
@@ -146,6 +169,15 @@ def run(argv=None) -> int:
         ok &= passed
         print(f"{'mask IoU':<16}{'min ' + format(iou['min'], '.5f'):>14}{'mean ' + format(iou['mean'], '.5f'):>14}"
               f"  {'ok' if passed else 'FAIL'}")
+    fin = result["final"]
+    passed = fin["count_mismatch"] == 0 and fin["label_mismatch"] == 0 and fin["mask_iou_min"] >= MIN_MASK_IOU
+    ok &= passed
+    print(f"final results (finish_postprocess on both): {fin['instances']} instances, {fin['count_mismatch']} count / "
+          f"{fin['label_mismatch']} label mismatches, max score diff {fin['max_score_diff']:.3e}, max box diff "
+          f"{fin['max_box_diff']:.3e} px")
+    print(f"{'final mask IoU':<16}{'min ' + format(fin['mask_iou_min'], '.5f'):>14}"
+          f"{'mean ' + format(fin['mask_iou_mean'], '.5f'):>14}  {'ok' if passed else 'FAIL'}  (per image; smallest "
+          f"per-instance IoU {fin['instance_mask_iou_min']:.5f})")
     print("PASS" if ok else "FAIL: the ONNX outputs differ from PyTorch beyond the tolerance")
     return 0 if ok else 1
 
