@@ -291,9 +291,57 @@ def run_onnx(onnx_path: str, image: np.ndarray, session=None,
     return dict(zip(names, sess.run(names, feed)))
 
 
+def _match_instances(ref: Dict[str, torch.Tensor], got: Dict[str, torch.Tensor],
+                     score_tol: float) -> Tuple[List[Tuple[int, int]], int, int]:
+    """Pair the instances of two finished results of one image: ``(pairs, unmatched, tied)``.
+
+    Instance ``i`` of ``ref`` pairs with instance ``i`` of ``got`` when that one has its label, a
+    score within ``score_tol`` and a mask IoU of at least 0.5; each instance left then takes,
+    among the unpaired instances of ``got`` with its label and a score within ``score_tol``, the
+    one of the highest mask IoU, so that instances of equal scores that the two sorts put in
+    another order still pair up. An unpaired instance whose score is within ``score_tol`` of the lowest score the other side kept is
+    ``tied`` (the top-k or threshold cut fell between near-equal scores); the others are
+    ``unmatched``.
+    """
+    s_ref, s_got = ref["scores"].float(), got["scores"].float()
+    free = torch.ones(len(s_got), dtype=torch.bool)
+    pairs: List[Tuple[int, int]] = []
+
+    def eligible(i: int) -> torch.Tensor:
+        return free & (got["labels"] == ref["labels"][i]) & ((s_got - s_ref[i]).abs() <= score_tol)
+
+    def iou(i: int, j: int) -> float:
+        a, b = ref["masks"][i], got["masks"][j]
+        union = int((a | b).sum())
+        return 1.0 if union == 0 else int((a & b).sum()) / union
+
+    for i in range(min(len(s_ref), len(s_got))):  # first the same rank, when the masks agree
+        if eligible(i)[i] and iou(i, i) >= 0.5:
+            free[i] = False
+            pairs.append((i, i))
+    paired_ref = {i for i, _ in pairs}
+    for i in range(len(s_ref)):  # then the best-overlapping eligible one
+        if i in paired_ref:
+            continue
+        cand = torch.nonzero(eligible(i))[:, 0]
+        if len(cand) == 0:
+            continue
+        j = max(cand.tolist(), key=lambda j: iou(i, j)) if len(cand) > 1 else int(cand[0])
+        free[j] = False
+        pairs.append((i, j))
+    pairs.sort()
+    paired_ref = {i for i, _ in pairs}
+    left = [float(s_ref[i]) for i in range(len(s_ref)) if i not in paired_ref] + [float(v) for v in s_got[free]]
+    lowest = [float(s.min()) if len(s) else -float("inf") for s in (s_got, s_ref)]  # none kept: no cut
+    sides = [0] * (len(s_ref) - len(pairs)) + [1] * int(free.sum())
+    tied = sum(1 for v, side in zip(left, sides) if v <= lowest[side] + score_tol)
+    return pairs, len(left) - tied, tied
+
+
 def verify_onnx(onnx_path: str, model: nn.Module, images: Sequence, mask_key: str = "pred_masks",
                 mask_threshold: Optional[float] = None,
-                image_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, Dict[str, float]]:
+                image_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+                score_tol: float = 1e-3) -> Dict[str, Dict[str, float]]:
     """Run the ONNX file (ONNX Runtime, CPU) and the PyTorch network (:class:`OnnxNetwork`) on
     the same inputs and compare.
 
@@ -305,6 +353,7 @@ def verify_onnx(onnx_path: str, model: nn.Module, images: Sequence, mask_key: st
         mask_threshold: probability threshold of a mask pixel (default ``model.mask_threshold``).
         image_sizes: ``(h, w)`` of each image inside its padded input (the ``image_size`` input;
             default: the whole input).
+        score_tol: largest score difference of two paired final instances (scores in [0, 1]).
 
     Returns:
         ``{output name: {"max_abs": float, "max_rel": float, "max_ref": float}}`` over all
@@ -315,9 +364,15 @@ def verify_onnx(onnx_path: str, model: nn.Module, images: Sequence, mask_key: st
         ``sigmoid(logit) > mask_threshold`` at the network's low resolution (intersection and
         union summed over all queries; 1.0 when both are empty); plus ``"final"``: the two sets
         of outputs finished by :func:`finish_postprocess` (at the size of the image inside the
-        padding) and compared instance by instance: ``"instances"`` (PyTorch's count over all
-        images), ``"count_mismatch"`` (images whose counts differ), ``"label_mismatch"``
-        (instances whose labels differ), ``"max_score_diff"``, ``"max_box_diff"`` (pixels) and
+        padding), instances paired by label, score (within ``score_tol``) and mask overlap
+        (:func:`_match_instances`, so near-equal scores sorted in another order still pair):
+        ``"instances"`` (PyTorch's count over all images), ``"count_mismatch"`` (images whose
+        counts differ), ``"unmatched"`` (instances of either side without a partner; the CLI fails
+        above 1 % of ``"instances"``: a model that selects on one score and reports another, as
+        SparseInst's mask rescoring, can drop a different near-tied instance on each side),
+        ``"tied_at_cut"`` (unpaired ones within ``score_tol`` of the other side's lowest kept score:
+        the top-k or threshold cut fell between near-equal scores), over the pairs
+        ``"max_score_diff"``, ``"max_box_diff"`` (pixels) and
         ``"mask_iou_min"`` / ``"mask_iou_mean"`` (per image, intersection and union summed over
         its instances as for the low-resolution IoU; 1.0 when both are empty) and
         ``"instance_mask_iou_min"`` (the smallest per-instance IoU, for information: a mask of a
@@ -341,7 +396,8 @@ def verify_onnx(onnx_path: str, model: nn.Module, images: Sequence, mask_key: st
     net = OnnxNetwork(model, output_names=names).eval()
     stats = {n: {"max_abs": 0.0, "max_ref": 0.0} for n in names}
     ious = []
-    final = {"instances": 0, "count_mismatch": 0, "label_mismatch": 0, "max_score_diff": 0.0, "max_box_diff": 0.0}
+    final = {"instances": 0, "count_mismatch": 0, "unmatched": 0, "tied_at_cut": 0, "max_score_diff": 0.0,
+             "max_box_diff": 0.0}
     final_ious: List[float] = []
     instance_ious: List[float] = []
     for j, image in enumerate(images):
@@ -364,19 +420,19 @@ def verify_onnx(onnx_path: str, model: nn.Module, images: Sequence, mask_key: st
         padded = tuple(int(s) for s in x.shape[-2:])
         r_got = finish_postprocess(model, got, [hw], padded)[0]
         r_ref = finish_postprocess(model, {n: t.cpu() for n, t in zip(names, outs)}, [hw], padded)[0]
-        k = min(len(r_got["scores"]), len(r_ref["scores"]))
+        pairs, unmatched, tied = _match_instances(r_ref, r_got, score_tol)
         final["instances"] += len(r_ref["scores"])
         final["count_mismatch"] += int(len(r_got["scores"]) != len(r_ref["scores"]))
-        final["label_mismatch"] += int((r_got["labels"][:k] != r_ref["labels"][:k]).sum())
-        if k:
-            final["max_score_diff"] = max(final["max_score_diff"],
-                                          float((r_got["scores"][:k] - r_ref["scores"][:k]).abs().max()))
-            final["max_box_diff"] = max(final["max_box_diff"], float((r_got["boxes"][:k] - r_ref["boxes"][:k]).abs().max()))
+        final["unmatched"] += unmatched
+        final["tied_at_cut"] += tied
         inter = union = 0
-        for a, b in zip(r_got["masks"][:k], r_ref["masks"][:k]):
-            i, u = int((a & b).sum()), int((a | b).sum())
-            inter, union = inter + i, union + u
-            instance_ious.append(1.0 if u == 0 else i / u)
+        for i, j in pairs:
+            final["max_score_diff"] = max(final["max_score_diff"], float(abs(r_got["scores"][j] - r_ref["scores"][i])))
+            final["max_box_diff"] = max(final["max_box_diff"], float((r_got["boxes"][j] - r_ref["boxes"][i]).abs().max()))
+            a, b = r_got["masks"][j], r_ref["masks"][i]
+            n_i, n_u = int((a & b).sum()), int((a | b).sum())
+            inter, union = inter + n_i, union + n_u
+            instance_ious.append(1.0 if n_u == 0 else n_i / n_u)
         final_ious.append(1.0 if union == 0 else inter / union)
     result: Dict[str, Dict[str, float]] = {
         n: {"max_abs": s["max_abs"], "max_rel": s["max_abs"] / max(s["max_ref"], 1e-12), "max_ref": s["max_ref"]}

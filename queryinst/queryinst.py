@@ -119,39 +119,38 @@ class QueryInst(MetaArchBase):
 
     def export_forward(self, images: torch.Tensor, image_sizes: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The exported graph (docs/deploy.md, "Export (ONNX)"): normalized ``(B, 3, Hp, Wp)`` and
-        ``(B, 2)`` int64 unpadded ``(h, w)`` (the initial proposals and the box clipping use it, as
-        in :meth:`forward`) -> the top ``k = min(TEST.DETECTIONS_PER_IMAGE, N x K)`` (query, class)
-        pairs of the last stage, as :meth:`inference` selects them: ``scores`` ``(B, k)`` (sorted,
-        highest first), ``labels`` int64 ``(B, k)``, ``boxes`` ``(B, k, 4)`` xyxy input pixels and
-        ``pred_masks`` ``(B, k, 2S, 2S)``, the last stage's mask logits of each pair's class. The
-        mask head runs on all ``N`` boxes (it is per RoI, so a selected query's mask is the one
-        :meth:`inference` computes for the selected queries alone)."""
+        ``(B, 2)`` int64 unpadded ``(h, w)`` (the initial proposals use it, as in :meth:`forward`)
+        -> the last stage per query: ``scores`` ``(B, N, K)`` (sigmoid of the class logits),
+        ``boxes`` ``(B, N, 4)`` xyxy input pixels and ``pred_masks`` ``(B, N, K, 2S, 2S)``, the
+        mask logits of every class (the mask head runs on all ``N`` boxes; it is per RoI, so a
+        query's mask is the one :meth:`inference` computes for the selected queries alone). The
+        top-k over (query, class) stays in :meth:`export_postprocess`: selecting in the graph
+        would make the outputs' order depend on near-equal scores."""
         features = self._features(images)
         stages = self.roi_head.forward_boxes(features, image_sizes)
         last = stages[-1]
         b, n, k = last["logits"].shape
         idx = [torch.arange(n, device=images.device)] * b
         masks = self.roi_head.forward_masks(len(stages) - 1, features, list(last["boxes"]), idx, stages)
-        scores, flat_idx = last["logits"].float().sigmoid().flatten(1).topk(min(self.detections_per_image, n * k), dim=1)
-        query_idx = torch.div(flat_idx, k, rounding_mode="floor")
-        labels = flat_idx - query_idx * k
-        # (B*N, K, S, S) -> (B, N*K, S, S): pair (q, c) is row q*K + c, i.e. flat_idx
-        pair_masks = masks.reshape(b, n * k, masks.shape[-2], masks.shape[-1])
-        pair_masks = pair_masks.gather(1, flat_idx[:, :, None, None].expand(-1, -1, *masks.shape[-2:]))
-        boxes = last["boxes"].gather(1, query_idx[:, :, None].expand(-1, -1, 4))
-        return {"scores": scores, "labels": labels, "boxes": boxes, "pred_masks": pair_masks}
+        return {"scores": last["logits"].float().sigmoid(), "boxes": last["boxes"],
+                "pred_masks": masks.reshape(b, n, k, masks.shape[-2], masks.shape[-1])}
 
     @torch.no_grad()
     def export_postprocess(self, outputs, batched_inputs, image_sizes, padded_size) -> List[Dict[str, torch.Tensor]]:
-        """:meth:`export_forward`'s outputs -> the data-contract dicts (the masks pasted into the
-        boxes at the original size, as :meth:`inference`)."""
+        """:meth:`export_forward`'s outputs -> the data-contract dicts: the top-k (query, class)
+        pairs and their masks pasted into the boxes at the original size, as :meth:`inference`."""
         results = []
         for i, x in enumerate(batched_inputs):
+            scores = torch.as_tensor(outputs["scores"][i]).float()  # (N, K)
+            n, k = scores.shape
+            top, flat_idx = scores.flatten().topk(min(self.detections_per_image, n * k))
+            query_idx, labels = flat_idx // k, flat_idx % k
+            probs = torch.as_tensor(outputs["pred_masks"][i])[query_idx, labels].float().sigmoid()
             h_in, w_in = image_sizes[i]
             out_size = (int(x.get("height", h_in)), int(x.get("width", w_in)))
             results.append(roi_masks_to_instances(
-                outputs["pred_masks"][i].float().sigmoid(), outputs["scores"][i].float(), outputs["labels"][i].long(),
-                outputs["boxes"][i].float(), (h_in, w_in), out_size, mask_threshold=self.mask_threshold,
+                probs, top, labels, torch.as_tensor(outputs["boxes"][i]).float()[query_idx], (h_in, w_in), out_size,
+                mask_threshold=self.mask_threshold,
             ))
         return results
 

@@ -182,3 +182,31 @@ def test_coco_evaluator_scores_at_most_detections_per_image(tmp_path):
     assert len(kept) == 7
     assert sorted(round(d["score"], 4) for d in kept) == sorted(round(float(s), 4) for s in scores.topk(7).values)
     assert "AP" in ev.evaluate()["bbox"]
+
+
+def test_export_check_pairs_final_instances_by_label_score_and_mask():
+    """instseg.export._match_instances (the export check's final comparison; no onnx needed): equal
+    scores sorted in another order pair by mask overlap, a near-tie at the top-k cut is a tie, a
+    changed label or score is unmatched."""
+    from instseg.export import _match_instances
+
+    def res(scores, labels, cols):
+        masks = torch.zeros(len(scores), 4, 6, dtype=torch.bool)
+        for k, c in enumerate(cols):
+            masks[k, :, c] = True
+        return {"scores": torch.tensor(scores), "labels": torch.tensor(labels), "masks": masks}
+
+    ref = res([0.9, 0.5, 0.5, 0.3001], [1, 2, 2, 0], [0, 1, 2, 3])
+    got = res([0.9, 0.5, 0.5, 0.3], [1, 2, 2, 0], [0, 2, 1, 3])  # the tied pair in the other order
+    assert _match_instances(ref, got, 1e-3) == ([(0, 0), (1, 2), (2, 1), (3, 3)], 0, 0)
+    # the last kept instance differs, both at the cut (0.3 vs 0.3005): ties, not failures
+    got = res([0.9, 0.5, 0.5, 0.3005], [1, 2, 2, 4], [0, 1, 2, 5])
+    assert _match_instances(ref, got, 1e-3) == ([(0, 0), (1, 1), (2, 2)], 0, 2)
+    # a label changed above the cut, and a score off by 0.01: unmatched on both sides
+    got = res([0.9, 0.51, 0.5, 0.3], [3, 2, 2, 0], [0, 1, 2, 3])
+    pairs, unmatched, tied = _match_instances(ref, got, 1e-3)
+    assert pairs == [(2, 2), (3, 3)] and unmatched == 4 and tied == 0
+    # the same rank is not taken when its mask disagrees: equal scores, masks swapped
+    got = res([0.9, 0.5, 0.5, 0.3001], [1, 2, 2, 0], [0, 2, 1, 3])
+    assert _match_instances(ref, got, 1e-3)[0] == [(0, 0), (1, 2), (2, 1), (3, 3)]
+    assert _match_instances(ref, res([], [], []), 1e-3) == ([], 4, 0)

@@ -28,7 +28,9 @@ and the final results (both sets of outputs finished by ``finish_postprocess``):
 counts, labels, score / box differences and the final-mask IoU per image (intersection and union
 summed over its instances; the smallest per-instance IoU is printed too). Exit status 1 when an
 output differs by more than ``atol + rtol * max|PyTorch output|``, a mask IoU (low resolution or
-final, per image) is below 0.99, or a final count / label differs.
+final, per image) is below 0.99, or more than 1 % of the final instances have no partner of their label and score (within atol +
+rtol) on the other side (near-equal scores that the top-k / threshold cut separates are counted as
+ties, not failures).
 
 Needs the ``export`` extra (``pip install .[export]``: onnx, onnxruntime, onnxslim). Flags come
 before the KEY VALUE overrides.
@@ -52,6 +54,8 @@ logger = logging.getLogger("instseg.export")
 
 #: The smallest mask IoU (ONNX vs PyTorch, low resolution) that passes.
 MIN_MASK_IOU = 0.99
+#: Largest fraction of final instances without a partner on the other side (near-ties at a selection cut).
+MAX_UNMATCHED = 0.01
 _SHARED_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               os.pardir, "shared", "data", "coco128-seg", "images")
 
@@ -152,7 +156,8 @@ def run(argv=None) -> int:
             raise FileNotFoundError(f"--images: file not found: {f}")
     prepared = [prepare_input(predictor.preprocess(f)["image"], None if args.dynamic else size,
                               cfg.MODEL.PIXEL_MEAN, d) for f in files]
-    result = verify_onnx(args.output, model, [a for a, _ in prepared], image_sizes=[hw for _, hw in prepared])
+    result = verify_onnx(args.output, model, [a for a, _ in prepared], image_sizes=[hw for _, hw in prepared],
+                         score_tol=args.atol + args.rtol)
     ok = True
     print(f"ONNX Runtime (CPU) vs PyTorch on {len(files)} images; tolerance atol {args.atol:g} + rtol {args.rtol:g} "
           f"x max|output|, mask IoU >= {MIN_MASK_IOU}")
@@ -170,10 +175,11 @@ def run(argv=None) -> int:
         print(f"{'mask IoU':<16}{'min ' + format(iou['min'], '.5f'):>14}{'mean ' + format(iou['mean'], '.5f'):>14}"
               f"  {'ok' if passed else 'FAIL'}")
     fin = result["final"]
-    passed = fin["count_mismatch"] == 0 and fin["label_mismatch"] == 0 and fin["mask_iou_min"] >= MIN_MASK_IOU
+    passed = fin["unmatched"] <= MAX_UNMATCHED * max(fin["instances"], 1) and fin["mask_iou_min"] >= MIN_MASK_IOU
     ok &= passed
-    print(f"final results (finish_postprocess on both): {fin['instances']} instances, {fin['count_mismatch']} count / "
-          f"{fin['label_mismatch']} label mismatches, max score diff {fin['max_score_diff']:.3e}, max box diff "
+    print(f"final results (finish_postprocess on both): {fin['instances']} instances, {fin['unmatched']} unmatched, "
+          f"{fin['tied_at_cut']} tied at the top-k / threshold cut, {fin['count_mismatch']} images with other counts; "
+          f"paired: max score diff {fin['max_score_diff']:.3e}, max box diff "
           f"{fin['max_box_diff']:.3e} px")
     print(f"{'final mask IoU':<16}{'min ' + format(fin['mask_iou_min'], '.5f'):>14}"
           f"{'mean ' + format(fin['mask_iou_mean'], '.5f'):>14}  {'ok' if passed else 'FAIL'}  (per image; smallest "
