@@ -408,6 +408,27 @@ def test_up_front_scan_reports_every_bad_file_at_once(tmp_path):
     assert "  ... and 2 more" in str(e.value)
 
 
+def test_scan_threads_outlive_the_scan_so_a_loader_can_fork_safely(tmp_path):
+    # A scan thread that exits runs OpenCV's TLS destructors under OpenCV's global mutex after
+    # Python's join has returned; a loader forking then gave workers a locked mutex (cv2.imread
+    # hung). The scan's threads must therefore stay alive, idle, and be reused by the next scan.
+    import threading
+
+    raw, root = _dataset(tmp_path, n_images=4)
+    dicts = load_coco_json(_write(tmp_path, raw), str(root))
+
+    def scan_threads():
+        return {t.ident: t for t in threading.enumerate() if t.name.startswith("instseg-scan")}
+
+    assert check_dataset_files(dicts[:2], num_workers=2, progress=False) == 2
+    first = scan_threads()
+    assert first and all(t.is_alive() for t in first.values())
+    for d in dicts[2:]:  # new files (not in the passed-files memo), so the pool runs again
+        _image(Path(d["file_name"]), h=H)
+    assert check_dataset_files(dicts[2:], num_workers=2, progress=False) == 2
+    assert set(first) <= set(scan_threads()) and all(t.is_alive() for t in first.values())
+
+
 def test_loaders_scan_the_files_according_to_dataloader_check_files(tmp_path):
     raw, root = _dataset(tmp_path, n_images=3)
     (root / "im1.jpg").unlink()

@@ -318,6 +318,27 @@ def check_rle(segm: Dict[str, Any], height: int, width: int) -> Dict[str, Any]:
 # --------------------------------------------------------------------------------------------- #
 _checked_lock = threading.Lock()
 _checked: set = set()  # (path, size, mtime_ns, height, width) of files that passed
+_scan_pools: Dict[Tuple[int, int], ThreadPoolExecutor] = {}  # (pid, threads) -> the scan's pool
+
+
+def _scan_pool(workers: int) -> ThreadPoolExecutor:
+    """The image scan's thread pool, made once per process and thread count and never shut down.
+
+    A thread that has called OpenCV runs OpenCV's thread-local-storage destructors when it exits,
+    under a global (recursive) mutex of OpenCV, and Python's ``join`` returns before that native
+    exit code has run. A data loader that forks its workers right after a scan whose threads are
+    exiting can therefore copy the mutex locked by a thread the worker does not have: the worker's
+    first ``cv2.imread`` then blocks forever (seen with opencv-python-headless 5.1: two trainings
+    started side by side on 2 cores hung in 9 of 22 starts, the worker in ``pthread_mutex_lock``
+    under ``cv2.imread``, the mutex owned by a scan thread id). Threads that never exit hold no
+    OpenCV lock while they wait for work, so the fork is safe. Keyed by process id: a forked child
+    makes its own pool (it does not have its parent's threads).
+    """
+    key = (os.getpid(), int(workers))
+    pool = _scan_pools.get(key)
+    if pool is None:
+        pool = _scan_pools[key] = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="instseg-scan")
+    return pool
 
 
 def _file_key(d: dict) -> Optional[tuple]:
@@ -359,8 +380,9 @@ def check_dataset_files(
 
     Each image is read as the mapper reads it (:func:`instseg.data.read_image`: Pillow's strict
     check, then OpenCV's decode with EXIF orientation) and its decoded size compared with the
-    dict's ``height``/``width``. Files run in a thread pool (both decoders release the GIL), with
-    a tqdm progress bar. Files that passed are remembered in this process (by path, size,
+    dict's ``height``/``width``. Files run in a thread pool (both decoders release the GIL; the
+    pool lives as long as the process, so that no scan thread is exiting when a loader forks:
+    :func:`_scan_pool`), with a tqdm progress bar. Files that passed are remembered in this process (by path, size,
     modification time and expected size), so a second scan of the same files is free.
 
     Args:
@@ -407,15 +429,16 @@ def check_dataset_files(
         workers = num_workers or min(8, os.cpu_count() or 1)
         bar = tqdm(total=len(todo), desc=desc or "Checking image files", unit="img", disable=not progress,
                    mininterval=1.0, leave=False)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for (key, d), res in zip(todo, pool.map(lambda kd: _check_one(kd[1]), todo)):
-                bar.update(1)
-                if res is None:
-                    if key is not None:
-                        with _checked_lock:
-                            _checked.add(key)
-                else:
-                    problems.append(res)
+        # a pool that outlives the scan: see _scan_pool (a loader may fork right after this)
+        pool = _scan_pool(max(1, workers))
+        for (key, d), res in zip(todo, pool.map(lambda kd: _check_one(kd[1]), todo)):
+            bar.update(1)
+            if res is None:
+                if key is not None:
+                    with _checked_lock:
+                        _checked.add(key)
+            else:
+                problems.append(res)
         bar.close()
     if problems:
         kinds = {k: sum(1 for p in problems if p[2] == k) for k in ("missing", "corrupt", "size")}
