@@ -221,6 +221,41 @@ def test_get_norm_and_convert_norm():
         assert frozen(nn.functional.conv2d(x, torch.randn(64, 64, 1, 1))).dtype == torch.bfloat16
 
 
+def test_frozen_bn_fused_path_without_grad_equals_the_scale_shift_path_with_grad():
+    # Without gradients the layer is one F.batch_norm call (Detectron2's inference path); with
+    # them, x * scale + bias. Both must give the BatchNorm-eval values, and gradients must flow.
+    frozen = FrozenBatchNorm2d(16)
+    frozen.weight.uniform_(0.5, 2)
+    frozen.bias.uniform_(-1, 1)
+    frozen.running_mean.uniform_(-1, 1)
+    frozen.running_var.uniform_(0.1, 3)
+    x = torch.randn(2, 16, 7, 9)
+    by_hand = ((x - frozen.running_mean.view(1, -1, 1, 1)) / (frozen.running_var.view(1, -1, 1, 1) + frozen.eps).sqrt()
+               * frozen.weight.view(1, -1, 1, 1) + frozen.bias.view(1, -1, 1, 1))
+    calls = []
+    orig = nn.functional.batch_norm
+
+    def spy(*a, **k):
+        calls.append(k.get("training"))
+        return orig(*a, **k)
+
+    import instseg.modeling.norm as norm_mod
+
+    norm_mod.F.batch_norm = spy
+    try:
+        fused = frozen(x)
+        xg = x.clone().requires_grad_(True)
+        unfused = frozen(xg)
+    finally:
+        norm_mod.F.batch_norm = orig
+    assert calls == [False]  # the fused op once, in eval mode, and only for the no-grad input
+    torch.testing.assert_close(fused, by_hand, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(unfused, by_hand, rtol=1e-6, atol=1e-6)
+    unfused.sum().backward()
+    torch.testing.assert_close(xg.grad, (frozen.weight / (frozen.running_var + frozen.eps).sqrt()).view(1, -1, 1, 1)
+                               .expand_as(x))
+
+
 # ------------------------------------------------------------------------------- DCN
 def test_dcn_offset_channels():
     m = ResNetBackbone(out_features=ALL, deform_on_per_stage=[True, False, False, True], deform_modulated=True)

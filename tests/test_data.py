@@ -206,6 +206,15 @@ def test_boxes_from_masks_matches_torchvision():
     ref[:, 2:] += 1
     assert torch.equal(boxes[[0, 1, 3, 4, 5]], ref)
     assert torch.equal(boxes[2], torch.zeros(4))
+    # hand cases: one pixel, a full-image mask, a mask touching the last row / column only
+    m = torch.zeros(3, 5, 7, dtype=torch.bool)
+    m[0, 2, 3] = True
+    m[1] = True
+    m[2, 4, 6] = True
+    m[2, 1, 6] = True
+    assert boxes_from_masks(m).tolist() == [[3, 2, 4, 3], [0, 0, 7, 5], [6, 1, 7, 5]]
+    assert boxes_from_masks(torch.zeros(0, 5, 7, dtype=torch.bool)).shape == (0, 4)
+    assert boxes_from_masks(torch.zeros(2, 5, 7, dtype=torch.bool)).tolist() == [[0, 0, 0, 0]] * 2
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

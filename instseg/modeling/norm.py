@@ -15,6 +15,7 @@ from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d as _TorchvisionFrozenBN
 
 __all__ = ["FrozenBatchNorm2d", "NORM_NAMES", "convert_norm", "freeze_batchnorm", "get_norm", "norm_layer"]
@@ -32,10 +33,19 @@ class FrozenBatchNorm2d(_TorchvisionFrozenBN):
     input's dtype, as Detectron2's does: under AMP a float16 input gives a float16 output instead
     of being promoted to float32 by the float32 buffers.
 
+    Without gradients (inference, and the frozen stages of a training backbone) and with a float32
+    input, the layer is one fused ``F.batch_norm(..., training=False)`` call, as Detectron2's
+    ``FrozenBatchNorm2d.forward`` (``detectron2/layers/batch_norm.py``) does: one op instead of a
+    multiply and an add, the same values up to float rounding. Otherwise (an input that needs
+    gradients, or another dtype under AMP) it computes ``x * scale + bias`` in the input's dtype.
+
     Shapes: ``(B, C, H, W)`` -> same shape and dtype.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.requires_grad and x.dtype == self.weight.dtype:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, eps=self.eps)
         scale = self.weight * (self.running_var + self.eps).rsqrt()
         bias = self.bias - self.running_mean * scale
         return x * scale.to(x.dtype).reshape(1, -1, 1, 1) + bias.to(x.dtype).reshape(1, -1, 1, 1)
