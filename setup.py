@@ -18,6 +18,9 @@ setup(
         "timm>=0.9",
         "lightning>=2.1",
         "pycocotools>=2.0.7",
+        # the COCO evaluator's default COCOeval (TEST.COCO_EVAL_BACKEND "hotcoco"): pycocotools'
+        # numbers in a fraction of the time (docs/architecture.md, "COCO evaluation backend")
+        "hotcoco>=1.3",
         # Cityscapes labels, json2instanceImg and the official instance evaluation (2.3.0 runs on
         # NumPy >= 2.4 through instseg/evaluation/cityscapes_compat.py)
         "cityscapesscripts>=2.3",
@@ -40,6 +43,7 @@ setup(
     extras_require={
         # hypothesis: the fuzz tests of the data validation (tests/test_fuzz.py)
         "test": ["pytest>=7.4", "hypothesis>=6.100"],
+        # TEST.COCO_EVAL_BACKEND "faster_coco_eval" (optional; hotcoco is the default)
         "fast-eval": ["faster-coco-eval>=1.5"],
         # instseg-export: ONNX export and its check with ONNX Runtime (instseg/export.py)
         "export": ["onnx>=1.15", "onnxruntime>=1.17", "onnxslim>=0.1"],

@@ -47,7 +47,8 @@ def _coco_evaluator(cfg, meta, out_dir, per_category: bool):
     mapping = getattr(meta, "thing_dataset_id_to_contiguous_id", None)
     inv = {v: k for k, v in mapping.items()} if mapping else None
     return COCOEvaluator(meta.json_file, output_dir=out_dir, contiguous_to_dataset_id=inv,
-                         per_category=per_category, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE)
+                         per_category=per_category, max_dets_per_image=cfg.TEST.DETECTIONS_PER_IMAGE,
+                         backend=cfg.TEST.COCO_EVAL_BACKEND)
 
 
 class InstSegModule(L.LightningModule):
@@ -75,12 +76,18 @@ class InstSegModule(L.LightningModule):
     iteration and the term.
 
     Args:
-        cfg: the config.
+        cfg: the config (``TEST.COCO_EVAL_BACKEND`` picks the COCO evaluator's COCOeval).
         per_category: the evaluators also report ``"AP-<category name>"`` per task.
+
+    Raises:
+        ValueError: ``TEST.COCO_EVAL_BACKEND`` is not one of ``instseg.evaluation.COCO_EVAL_BACKENDS``.
     """
 
     def __init__(self, cfg, per_category: bool = False):
         super().__init__()
+        from ..evaluation import check_coco_eval_backend
+
+        check_coco_eval_backend(cfg.TEST.COCO_EVAL_BACKEND)  # before training, not at the first evaluation
         self.cfg = cfg
         self.per_category = bool(per_category)
         self.model = build_model(cfg)
