@@ -66,6 +66,7 @@ setup(
             "instseg-check-dataset=instseg.tools.check_dataset:main",
             "instseg-demo=instseg.tools.demo:main",
             "instseg-export=instseg.tools.export_model:main",
+            "instseg-benchmark-zoo=instseg.tools.benchmark_zoo:main",
         ]
     },
 )

@@ -1,5 +1,5 @@
 """The console scripts declared in setup.py (instseg-train, -eval, -benchmark, -quickstart,
--convert, -check-dataset, -demo, -export), their source-checkout wrappers tools/*.py, and the quickstart's packaged config."""
+-convert, -check-dataset, -demo, -export, -benchmark-zoo), their source-checkout wrappers tools/*.py, and the quickstart's packaged config."""
 from __future__ import annotations
 
 import ast
@@ -13,9 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {"instseg-train", "instseg-eval", "instseg-benchmark", "instseg-quickstart", "instseg-convert",
-            "instseg-check-dataset", "instseg-demo", "instseg-export"}
+            "instseg-check-dataset", "instseg-demo", "instseg-export", "instseg-benchmark-zoo"}
 WRAPPERS = ["train_net.py", "eval_net.py", "benchmark_fps.py", "quickstart.py", "convert_official_weights.py",
-            "check_dataset.py", "demo.py", "export_model.py"]
+            "check_dataset.py", "demo.py", "export_model.py", "benchmark_zoo.py"]
 
 
 def _setup_kwargs() -> dict:

@@ -36,6 +36,11 @@ __all__ = [
     "count_flops",
     "device_description",
     "format_benchmark_report",
+    "StageTimer",
+    "benchmark_interleaved",
+    "summarize_times",
+    "peak_memory_mb",
+    "STAGES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -563,3 +568,286 @@ def format_benchmark_report(report: Dict) -> str:
     if b.get("max_memory_mb") is not None:
         lines.append(f"  max GPU memory: {b['max_memory_mb']:.0f} MiB")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- zoo pieces
+# Used by instseg-benchmark-zoo (instseg/tools/benchmark_zoo.py); benchmark_model above is unchanged.
+
+STAGES = ("preprocess", "network", "postprocess")
+
+
+class StageTimer:
+    """Time one ``model([x])`` call and split it into pre-processing, network and post-processing.
+
+    The split uses the two calls that every meta-architecture's ``forward`` makes through the data
+    contract (docs/architecture.md): ``self.preprocess_images(batched_inputs)`` (normalize, pad:
+    :meth:`instseg.modeling.MetaArchBase.preprocess_images`) and ``self.inference(...)`` (what turns
+    the network's outputs into the result dicts: score selection, top-k, the mask branch of models
+    that run it on the kept instances only, mask upsampling / pasting to the original size,
+    thresholding). While the timer is entered, both are wrapped on the instance (instance attributes
+    that shadow the methods; removed on exit). Per call:
+
+    * ``preprocess``: time inside ``preprocess_images``;
+    * ``postprocess``: time inside ``inference``;
+    * ``network``: the rest of the call (``total - preprocess - postprocess``: backbone, neck,
+      heads, and the few operations of ``forward`` between the two calls).
+
+    A model without one of the two methods gets ``None`` for that stage and the network takes its
+    time. Every boundary is bracketed by ``torch.cuda.synchronize`` on CUDA.
+
+    Args:
+        model: an eval-mode model following the data contract.
+        device: where it runs (synchronized on CUDA); default: where its parameters are.
+        clock: seconds as a float (default ``time.perf_counter``; tests pass a fake clock).
+    """
+
+    PRE = "preprocess_images"
+    POST = "inference"
+
+    def __init__(self, model: nn.Module, device: Optional[Union[str, torch.device]] = None, clock=None):
+        self.model = model
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.clock = clock or time.perf_counter
+        self._acc: Dict[str, float] = {"preprocess": 0.0, "postprocess": 0.0}
+        self._hits: Dict[str, int] = {"preprocess": 0, "postprocess": 0}
+        self._installed: List[Tuple[str, object]] = []
+        self.last_output = None
+
+    def _wrap(self, stage: str, fn):
+        def wrapped(*args, **kwargs):
+            _sync(self.device)
+            t0 = self.clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _sync(self.device)
+                self._acc[stage] += self.clock() - t0
+                self._hits[stage] += 1
+        return wrapped
+
+    def __enter__(self) -> "StageTimer":
+        for name, stage in ((self.PRE, "preprocess"), (self.POST, "postprocess")):
+            fn = getattr(self.model, name, None)
+            if callable(fn):
+                previous = self.model.__dict__.get(name, _MISSING)
+                self.model.__dict__[name] = self._wrap(stage, fn)
+                self._installed.append((name, previous))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, previous in reversed(self._installed):
+            if previous is _MISSING:
+                self.model.__dict__.pop(name, None)
+            else:
+                self.model.__dict__[name] = previous
+        self._installed = []
+
+    def call(self, x: Dict) -> Dict[str, Optional[float]]:
+        """Run ``model([x])`` once; returns seconds: ``{"total", "preprocess", "network",
+        "postprocess"}`` (a stage whose method the model lacks, or that was not called, is None).
+        The model's output is kept in ``self.last_output``.
+
+        Raises:
+            RuntimeError: called outside ``with StageTimer(...)``.
+        """
+        if not self._installed and (callable(getattr(self.model, self.PRE, None))
+                                    or callable(getattr(self.model, self.POST, None))):
+            raise RuntimeError("StageTimer.call() needs the timer entered: with StageTimer(model) as t: t.call(x)")
+        self._acc = {"preprocess": 0.0, "postprocess": 0.0}
+        self._hits = {"preprocess": 0, "postprocess": 0}
+        _sync(self.device)
+        t0 = self.clock()
+        out = self.model([x])
+        _sync(self.device)
+        total = self.clock() - t0
+        self.last_output = out
+        pre = self._acc["preprocess"] if self._hits["preprocess"] else None
+        post = self._acc["postprocess"] if self._hits["postprocess"] else None
+        return {"total": total, "preprocess": pre, "postprocess": post,
+                "network": total - (pre or 0.0) - (post or 0.0)}
+
+
+_MISSING = object()
+
+
+def summarize_times(times_s: Sequence[float]) -> Dict[str, float]:
+    """Statistics of per-call seconds, in milliseconds: ``{"ms_mean", "ms_median", "ms_p90",
+    "ms_std" (sample std, 0 for one value), "fps" (1000 / ms_mean)}``. ``ms_p90`` is the 90th
+    percentile with linear interpolation between order statistics (numpy's default).
+
+    Raises:
+        ValueError: no times.
+    """
+    import numpy as np
+
+    if not len(times_s):
+        raise ValueError("summarize_times: no times")
+    ms = np.asarray(times_s, dtype=np.float64) * 1000.0
+    mean = float(ms.mean())
+    return {"ms_mean": mean, "ms_median": float(np.median(ms)), "ms_p90": float(np.percentile(ms, 90)),
+            "ms_std": float(ms.std(ddof=1)) if ms.size > 1 else 0.0,
+            "fps": 1000.0 / mean if mean > 0 else math.inf}
+
+
+def benchmark_interleaved(
+    entries: Sequence[Tuple[nn.Module, List[Dict]]],
+    num_warmup: int = 2,
+    rounds: int = 5,
+    iters_per_round: int = 2,
+    precision: str = "fp32",
+    device: Optional[Union[str, torch.device]] = None,
+    clock=None,
+    on_iteration=None,
+) -> List[Dict]:
+    """Time several models in one process, interleaved so that machine noise hits all alike.
+
+    First every model runs ``num_warmup`` untimed calls (model by model). Then ``rounds`` rounds;
+    in round ``r`` model 0 runs ``iters_per_round`` timed calls, then model 1, and so on. Model
+    ``j``'s ``i``-th timed call feeds ``inputs_j[i % len(inputs_j)]``. Each call is a
+    :meth:`StageTimer.call` (batch 1, synchronized, pre- and post-processing included, split
+    into the three stages). Eval mode and ``torch.no_grad()``; training modes restored afterwards.
+
+    Args:
+        entries: ``(model, inputs)`` pairs; inputs as for :func:`benchmark_model`.
+        num_warmup: untimed calls per model (>= 0).
+        rounds, iters_per_round: >= 1 each; every model gets ``rounds * iters_per_round`` timed calls.
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (autocast).
+        device: where the models run (each is moved there); default: where each one's parameters are.
+        clock: passed to :class:`StageTimer`.
+        on_iteration: called as ``on_iteration(model_index, round_index, iteration_in_round)``
+            after each timed call (the schedule, for logging or tests).
+
+    Returns:
+        One dict per entry: ``{"times_s": [...], "preprocess_s", "network_s", "postprocess_s":
+        [...] (None entries when the stage is not measured), "instances": [...] (instances
+        returned per timed call, None without ``"scores"``), "mean_instances", "num_iter",
+        "num_warmup", "shares": {stage: fraction of the summed total time, or None}} |
+        summarize_times(times_s)``.
+
+    Raises:
+        ValueError: no entries, an entry without inputs, bad counts or an unknown precision.
+    """
+    if not entries:
+        raise ValueError("benchmark_interleaved: no models")
+    if any(not inputs for _, inputs in entries):
+        raise ValueError("benchmark_interleaved: every model needs inputs")
+    if rounds < 1 or iters_per_round < 1 or num_warmup < 0:
+        raise ValueError(f"need rounds >= 1, iters_per_round >= 1, num_warmup >= 0; got "
+                         f"{rounds}, {iters_per_round}, {num_warmup}")
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+    devices = []
+    for model, _ in entries:
+        dev = torch.device(device) if device is not None else _model_device(model)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        model.to(dev)
+        devices.append(dev)
+    modes = [m.training for m, _ in entries]
+    records = [{"times_s": [], "preprocess_s": [], "network_s": [], "postprocess_s": [], "instances": []}
+               for _ in entries]
+    counters = [0] * len(entries)
+    timers = [StageTimer(m, devices[j], clock) for j, (m, _) in enumerate(entries)]
+    try:
+        for m, _ in entries:
+            m.eval()
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            for t in timers:
+                stack.enter_context(t)
+            for j, (m, inputs) in enumerate(entries):
+                with _autocast(devices[j], precision):
+                    for i in range(num_warmup):
+                        m([inputs[i % len(inputs)]])
+                _sync(devices[j])
+            for r in range(rounds):
+                for j, (m, inputs) in enumerate(entries):
+                    with _autocast(devices[j], precision):
+                        for k in range(iters_per_round):
+                            x = inputs[counters[j] % len(inputs)]
+                            counters[j] += 1
+                            st = timers[j].call(x)
+                            rec = records[j]
+                            rec["times_s"].append(st["total"])
+                            for stage in STAGES:
+                                rec[f"{stage}_s"].append(st[stage])
+                            rec["instances"].append(_num_instances(timers[j].last_output))
+                            if on_iteration is not None:
+                                on_iteration(j, r, k)
+    finally:
+        for (m, _), mode in zip(entries, modes):
+            m.train(mode)
+    out = []
+    for rec in records:
+        total = sum(rec["times_s"])
+        shares = {}
+        for stage in STAGES:
+            vals = rec[f"{stage}_s"]
+            shares[stage] = (sum(vals) / total if total > 0 else None) if all(v is not None for v in vals) else None
+        kept = [n for n in rec["instances"] if n is not None]
+        out.append({**rec, "num_iter": len(rec["times_s"]), "num_warmup": int(num_warmup), "shares": shares,
+                    "mean_instances": sum(kept) / len(kept) if kept else None,
+                    **summarize_times(rec["times_s"])})
+    return out
+
+
+def _num_instances(output) -> Optional[int]:
+    """Instances in the first result dict of ``model([x])`` (its ``"scores"``), or None."""
+    try:
+        scores = output[0]["scores"]
+    except (TypeError, KeyError, IndexError):
+        return None
+    return int(len(scores))
+
+
+def _status_kib(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_memory_mb(fn, device: Union[str, torch.device] = "cpu") -> Optional[float]:
+    """Peak memory that one call of ``fn()`` adds, in MiB (2**20 bytes).
+
+    * CUDA: ``torch.cuda.max_memory_allocated`` during the call minus ``memory_allocated`` before
+      it (tensor memory of torch's caching allocator).
+    * CPU (Linux): the process's peak resident set size during the call minus the resident size
+      before it. Before the call, freed heap memory is handed back to the OS
+      (glibc ``malloc_trim(0)``) and the kernel's high-water mark is reset (``5`` written to
+      ``/proc/self/clear_refs``); after it, the mark (``VmHWM`` of ``/proc/self/status``) is read.
+      This counts every page the call makes resident (tensors, workspaces, allocator slack), also
+      memory of other threads of the process during the call; it does not count what was resident
+      already (weights, inputs).
+
+    Returns:
+        MiB, or None where this cannot be measured (another OS, no glibc, ``clear_refs`` not
+        writable; the reason is logged at DEBUG).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        _sync(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except (OSError, AttributeError) as e:
+        logger.debug("peak_memory_mb: CPU peak RSS not measurable here: %s", e)
+        return None
+    before = _status_kib("VmRSS")
+    fn()
+    peak = _status_kib("VmHWM")
+    if before is None or peak is None:
+        return None
+    return max(peak - before, 0) / 1024.0
