@@ -51,6 +51,7 @@ from instseg.modeling.losses import (
     num_instances_across_ranks,
 )
 from instseg.modeling.matcher import box_cost_matrix, hungarian_assign
+from instseg.utils.profiling import region
 
 from .instance_attention import tlbr_to_xyxy
 
@@ -254,7 +255,8 @@ class FASSSTCriterion(nn.Module):
         tgts = [
             {"labels": t["labels"].to(device), "tlbr": normalized_tlbr(t["boxes"].to(device), padded_size)} for t in targets
         ]
-        indices = self.match(box_logits.detach(), class_logits.detach(), tgts)
+        with region("matching"):
+            indices = self.match(box_logits.detach(), class_logits.detach(), tgts)
         num_inst = num_instances_across_ranks(targets, device)
 
         b, n, k = class_logits.shape

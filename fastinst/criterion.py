@@ -45,6 +45,7 @@ from instseg.modeling.losses import (
     matched_target_classes,
     num_instances_across_ranks,
 )
+from instseg.utils.profiling import region
 
 from .matcher import MaskLocationMatcher
 from .point_sample import calculate_uncertainty, point_sample, uncertain_point_coords_with_randomness
@@ -147,7 +148,8 @@ class FastInstCriterion(nn.Module):
 
     def loss_proposals(self, proposal_logits: torch.Tensor, targets) -> torch.Tensor:
         """CE over every pixel of the ``(B, K + 1, h, w)`` auxiliary classifier map."""
-        indices = self.matcher.match_pixels(proposal_logits, targets)
+        with region("matching"):
+            indices = self.matcher.match_pixels(proposal_logits, targets)
         b, _, h, w = proposal_logits.shape
         target_classes = matched_target_classes(targets, indices, (b, h * w), self.num_classes, proposal_logits.device)
         return F.cross_entropy(proposal_logits.float().flatten(2), target_classes)
@@ -156,7 +158,8 @@ class FastInstCriterion(nn.Module):
         """``out["pred_matching_indices"]`` when given (GT-mask-guided outputs), else a new matching."""
         if out.get("pred_matching_indices") is not None:
             return out["pred_matching_indices"]
-        return self.matcher(out["pred_logits"].detach(), out["pred_masks"].detach(), targets, locations)
+        with region("matching"):
+            return self.matcher(out["pred_logits"].detach(), out["pred_masks"].detach(), targets, locations)
 
     def forward(self, outputs: Dict, targets: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
         """

@@ -39,6 +39,7 @@ from instseg.modeling.losses import (
     matched_target_classes,
     num_instances_across_ranks,
 )
+from instseg.utils.profiling import region
 
 from .matcher import BoxSetMatcher
 
@@ -221,7 +222,8 @@ class QueryInstCriterion(nn.Module):
         num_pos = num_instances_across_ranks(targets, logits0.device, max_per_image=logits0.shape[1])
         for t, out in enumerate(stage_outputs):
             logits, boxes = out["logits"], out["boxes"]
-            indices = self.matcher(logits.detach(), boxes.detach(), whwh, targets)
+            with region("matching"):
+                indices = self.matcher(logits.detach(), boxes.detach(), whwh, targets)
             stage_losses = self.box_losses(logits, boxes, whwh.to(boxes.device), targets, indices, num_pos)
 
             dev = boxes.device

@@ -25,6 +25,7 @@ from instseg.modeling.losses import (
     num_instances_across_ranks,
     sigmoid_focal_loss,
 )
+from instseg.utils.profiling import region
 
 from .matcher import DiceScoreMatcher
 from .objectness import binarized_mask_iou
@@ -125,7 +126,8 @@ class SparseInstCriterion(nn.Module):
         tgts = [
             {"labels": t["labels"], "masks": prepare_target_masks(t["masks"], padded_size, out_size)} for t in targets
         ]
-        indices = self.matcher({"pred_logits": logits.detach(), "pred_masks": masks.detach()}, tgts)
+        with region("matching"):
+            indices = self.matcher({"pred_logits": logits.detach(), "pred_masks": masks.detach()}, tgts)
         num_inst = num_instances_across_ranks(targets, logits.device)
 
         b, n, k = logits.shape

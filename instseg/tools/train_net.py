@@ -3,13 +3,17 @@
     instseg-train --config-file configs/sparseinst/R50_giam.yaml \\
         [--dataset NAME JSON_FILE IMAGE_ROOT] [--num-gpus N] [--resume | --overwrite] \\
         [--eval-only [--allow-partial-weights]] [KEY VALUE ...]
+    instseg-train --config-file F --profile 10 [--profile-warmup 2] [KEY VALUE ...]
     python tools/train_net.py ...     # the same, from a source checkout
 
 ``--config-file`` is required. ``--eval-only`` evaluates MODEL.WEIGHTS on DATASETS.TEST instead
 of training; weights that do not fill the model are an error unless ``--allow-partial-weights``.
 A new run into an OUTPUT_DIR holding another run's checkpoints stops unless ``--resume``
 (continue it) or ``--overwrite`` (delete them). Fatal errors are also written, with their
-traceback, to OUTPUT_DIR/log.txt.
+traceback, to OUTPUT_DIR/log.txt. ``--profile N`` trains nothing to keep: it times N training
+iterations (after ``--profile-warmup`` untimed ones) stage by stage (data loading, forward + loss,
+matching, backward, optimizer; :func:`instseg.engine.profile.profile_training`), prints the table
+and the JSON report, and writes nothing to OUTPUT_DIR.
 """
 from __future__ import annotations
 
@@ -30,6 +34,10 @@ def run(argv=None):
         instseg.checkpoint.IncompleteWeightsError: ``--eval-only`` with weights that do not fill the model.
     """
     parser = default_argument_parser(__doc__)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="time N training iterations stage by stage and print the table (nothing is trained or written)")
+    parser.add_argument("--profile-warmup", type=int, default=2, metavar="W",
+                        help="untimed iterations before the --profile ones (default 2)")
     args = parser.parse_args(argv)
     if not args.config_file:
         parser.error(CONFIG_FILE_REQUIRED)
@@ -38,7 +46,13 @@ def run(argv=None):
     from instseg.engine import default_setup, evaluate, train
     from instseg.engine.launch import fatal_errors_logged, setup_cfg_from_args
 
+    if args.profile < 0 or args.profile_warmup < 0:
+        parser.error("--profile and --profile-warmup must be >= 0")
+    if args.profile and (args.eval_only or args.resume):
+        parser.error("--profile runs fresh training iterations: not with --eval-only or --resume")
     cfg = setup_cfg_from_args(args)
+    if args.profile:
+        return _profile(cfg, args.profile, args.profile_warmup)
     if args.eval_only and not cfg.MODEL.WEIGHTS:
         parser.error("--eval-only needs MODEL.WEIGHTS (a checkpoint written by train_net.py or a converted official one)")
     with fatal_errors_logged(cfg.OUTPUT_DIR):
@@ -58,6 +72,22 @@ def run(argv=None):
     if results:
         print(json.dumps(results, indent=1))
     return results
+
+
+def _profile(cfg, num_iter: int, num_warmup: int):
+    import random
+
+    import lightning as L
+
+    from instseg.engine.launch import setup_logging
+    from instseg.engine.profile import format_profile, profile_training
+
+    setup_logging()
+    L.seed_everything(cfg.SEED if cfg.SEED >= 0 else random.SystemRandom().randrange(2**31), verbose=False)
+    report = profile_training(cfg, num_iter=num_iter, num_warmup=num_warmup)
+    print(format_profile(report))
+    print(json.dumps({k: v for k, v in report.items() if k != "per_iter_ms"}, indent=1))
+    return report
 
 
 def main(argv=None) -> int:
