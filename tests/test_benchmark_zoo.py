@@ -235,3 +235,34 @@ def test_misaligned_metrics_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         zoo.run(["--config-files", TINY, SECOND, "--metrics", "a.json"])
     assert e.value.code == 2 and "2 configs" in capsys.readouterr().err
+
+
+def test_zoo_variants_are_rows_of_the_same_weights_in_one_interleaved_run(tmp_path, monkeypatch):
+    """--variants fp32 channels_last bf16: one row per (config, variant), all interleaved in one run;
+    the copies carry the same weights, channels_last converts the copy's 4-D weights, bf16 runs
+    under CPU autocast."""
+    from instseg.evaluation import timing
+
+    seen = {}
+    real = timing.benchmark_interleaved
+
+    def spy(entries, **kw):
+        seen["entries"], seen["precision"] = entries, kw["precision"]
+        return real(entries, **kw)
+
+    monkeypatch.setattr(timing, "benchmark_interleaved", spy)
+    order = []
+    report = zoo.run(FAST + ["--rounds", "1", "--iters-per-round", "1", "--output", str(tmp_path / "zoo"),
+                             "--config-files", TINY, "--variants", "fp32", "channels_last", "bf16"] + SMALL,
+                     on_iteration=lambda *e: order.append(e))
+    assert [r["variant"] for r in report["rows"]] == ["fp32", "channels_last", "bf16"]
+    assert all(r["model"].endswith(f"[{r['variant']}]") for r in report["rows"])
+    assert order == [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+    assert seen["precision"] == ["fp32", "fp32", "bf16"]
+    (m0, _), (m1, _), (m2, _) = seen["entries"]
+    assert m1 is not m0 and m2 is not m0
+    w0, w1, w2 = (dict(m.state_dict()) for m in (m0, m1, m2))
+    assert all(torch.equal(w0[k], w1[k]) and torch.equal(w0[k], w2[k]) for k in w0)
+    conv = next(k for k, v in w1.items() if v.dim() == 4 and v.shape[-1] > 1)
+    assert w1[conv].is_contiguous(memory_format=torch.channels_last) and not w1[conv].is_contiguous()
+    assert w0[conv].is_contiguous()

@@ -711,7 +711,8 @@ def benchmark_interleaved(
         entries: ``(model, inputs)`` pairs; inputs as for :func:`benchmark_model`.
         num_warmup: untimed calls per model (>= 0).
         rounds, iters_per_round: >= 1 each; every model gets ``rounds * iters_per_round`` timed calls.
-        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (autocast).
+        precision: ``"fp32"``, ``"fp16"`` or ``"bf16"`` (autocast), for every model, or a list of
+            those, one per entry (variants of one model side by side).
         device: where the models run (each is moved there); default: where each one's parameters are.
         clock: passed to :class:`StageTimer`.
         on_iteration: called as ``on_iteration(model_index, round_index, iteration_in_round)``
@@ -734,8 +735,12 @@ def benchmark_interleaved(
     if rounds < 1 or iters_per_round < 1 or num_warmup < 0:
         raise ValueError(f"need rounds >= 1, iters_per_round >= 1, num_warmup >= 0; got "
                          f"{rounds}, {iters_per_round}, {num_warmup}")
-    if precision not in _DTYPES:
-        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+    precisions = [precision] * len(entries) if isinstance(precision, str) else list(precision)
+    if len(precisions) != len(entries):
+        raise ValueError(f"benchmark_interleaved: {len(precisions)} precisions for {len(entries)} models")
+    for prec in precisions:
+        if prec not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {prec!r}")
     devices = []
     for model, _ in entries:
         dev = torch.device(device) if device is not None else _model_device(model)
@@ -756,13 +761,13 @@ def benchmark_interleaved(
             for t in timers:
                 stack.enter_context(t)
             for j, (m, inputs) in enumerate(entries):
-                with _autocast(devices[j], precision):
+                with _autocast(devices[j], precisions[j]):
                     for i in range(num_warmup):
                         m([inputs[i % len(inputs)]])
                 _sync(devices[j])
             for r in range(rounds):
                 for j, (m, inputs) in enumerate(entries):
-                    with _autocast(devices[j], precision):
+                    with _autocast(devices[j], precisions[j]):
                         for k in range(iters_per_round):
                             x = inputs[counters[j] % len(inputs)]
                             counters[j] += 1

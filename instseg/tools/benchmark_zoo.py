@@ -54,6 +54,10 @@ SIZES = (416, 512, 640, 800, 1024)
 DETECTIONS = (10, 50, 100)
 TABLE_COLUMNS = ("model", "config", "input", "params_m", "gflops", "ms_median", "ms_p90", "ms_mean", "fps",
                  "pre_share", "net_share", "post_share", "mean_instances", "mask_ap", "ap_source", "weights")
+#: ``--variants``: (autocast precision, channels_last memory format) of each. "fp32" is the model as
+#: built; the others are copies with the same weights.
+VARIANTS = {"fp32": ("fp32", False), "channels_last": ("fp32", True), "bf16": ("bf16", False),
+            "bf16_channels_last": ("bf16", True)}
 SCALING_COLUMNS = ("model", "config", "sweep", "short_side", "max_size", "detections", "input",
                    "ms_median", "ms_p90", "peak_mem_mib", "mean_instances")
 
@@ -158,6 +162,10 @@ def get_parser() -> argparse.ArgumentParser:
                         "mask AP replaces the published one")
     parser.add_argument("--published", default=None, metavar="JSON",
                         help="the zoo data file (default: configs/zoo_published.json)")
+    parser.add_argument("--variants", nargs="+", default=["fp32"], choices=list(VARIANTS), metavar="V",
+                        help="time each config in these variants, side by side in the same interleaved run "
+                        f"(one row each; choices {', '.join(VARIANTS)}; default fp32): a before/after "
+                        "comparison of memory format and autocast under the same machine noise")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count")
     parser.add_argument("--scaling", action="store_true",
                         help="also time each model at --sizes and --detections: scaling.csv, scaling.png")
@@ -515,14 +523,28 @@ def run(argv=None, on_iteration=None) -> Dict:
         print(f"[{i + 1}/{len(configs)}] {p['row_name']} ({c}): {p['images']}, input {_input_str(p['inputs'])}, "
               f"weights {p['cfg'].MODEL.WEIGHTS or '(random initialization)'}")
 
-    results = benchmark_interleaved([(p["model"], p["inputs"]) for p in prepared], num_warmup=args.num_warmup,
-                                    rounds=args.rounds, iters_per_round=args.iters_per_round,
+    import copy
+
+    entries, precisions, row_of = [], [], []
+    for p in prepared:
+        for v in args.variants:
+            prec, channels_last = VARIANTS[v]
+            model = p["model"]
+            if v != args.variants[0] or channels_last:
+                model = copy.deepcopy(p["model"])
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            entries.append((model, p["inputs"]))
+            precisions.append(prec)
+            row_of.append((p, v))
+    results = benchmark_interleaved(entries, num_warmup=args.num_warmup, rounds=args.rounds,
+                                    iters_per_round=args.iters_per_round, precision=precisions,
                                     on_iteration=on_iteration)
     rows = []
-    for p, res in zip(prepared, results):
+    for (p, variant), res in zip(row_of, results):
         sh = res["shares"]
         rows.append({
-            "model": p["row_name"], "config": p["config_rel"], "input": _input_str(p["inputs"]),
+            "model": p["row_name"] + ("" if args.variants == ["fp32"] else f" [{variant}]"), "variant": variant, "config": p["config_rel"], "input": _input_str(p["inputs"]),
             "params_m": p["params"] / 1e6, "gflops": p["gflops"], "ms_median": res["ms_median"],
             "ms_p90": res["ms_p90"], "ms_mean": res["ms_mean"], "fps": res["fps"],
             "pre_share": sh["preprocess"], "net_share": sh["network"], "post_share": sh["postprocess"],
