@@ -387,3 +387,39 @@ def test_fatal_error_goes_to_log_txt_with_traceback(tmp_path, smoke, ds):
     with pytest.raises(KeyError):
         _train(tmp_path, smoke, ds, out2, 2, "SOLVER.NOT_A_KEY", "1")
     assert not out2.exists()
+
+
+def test_eval_channels_last_and_bf16_flags_reach_the_model(tmp_path, smoke, ds, monkeypatch):
+    """--channels-last: the model's 4-D weights are channels_last during validation, and the AP is
+    that of the default layout; --bf16: validation runs under CPU bfloat16 autocast."""
+    from instseg.config import get_cfg
+    from instseg.engine.module import InstSegModule
+
+    weights = tmp_path / "r18.pth"
+    cfg = get_cfg()
+    cfg.MODEL.NUM_CLASSES = 3
+    torch.save({k: v for k, v in _RobustR18Arch(cfg).state_dict().items() if not k.endswith("num_batches_tracked")},
+               weights)
+    seen = []
+    real = InstSegModule.validation_step
+
+    def spy(self, *a, **k):
+        conv = next(p for p in self.model.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+        seen.append((conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous(),
+                     torch.is_autocast_enabled("cpu")))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(InstSegModule, "validation_step", spy)
+    base = eval_net.run(_args(tmp_path, smoke, ds, tmp_path / "a", "MODEL.WEIGHTS", str(weights), arch="_RobustR18Arch", train=False))
+    assert seen and not any(cl or ac for cl, ac in seen)
+    seen.clear()
+    cl = eval_net.run(["--channels-last"] + _args(tmp_path, smoke, ds, tmp_path / "b", "MODEL.WEIGHTS", str(weights),
+                                                  arch="_RobustR18Arch", train=False))
+    assert seen and all(c and not ac for c, ac in seen)
+    for task in base[ds]:
+        for key, v in base[ds][task].items():
+            assert cl[ds][task][key] == pytest.approx(v, abs=1e-6, nan_ok=True), (task, key)
+    seen.clear()
+    eval_net.run(["--bf16"] + _args(tmp_path, smoke, ds, tmp_path / "c", "MODEL.WEIGHTS", str(weights),
+                                    arch="_RobustR18Arch", train=False))
+    assert seen and all(ac and not c for c, ac in seen)

@@ -548,8 +548,12 @@ def write_loss_curve(output_dir: str) -> Optional[str]:
     return out
 
 
-def evaluate(cfg, num_gpus: int = 1, per_category: bool = False, allow_partial_weights: bool = False) -> Dict:
+def evaluate(cfg, num_gpus: int = 1, per_category: bool = False, allow_partial_weights: bool = False,
+             channels_last: bool = False) -> Dict:
     """COCO evaluation of ``MODEL.WEIGHTS`` on every dataset of ``DATASETS.TEST``.
+
+    ``channels_last``: the model runs in ``torch.channels_last`` memory format (the same numbers
+    up to float summation order). ``SOLVER.AMP`` sets the autocast of the evaluation as of training.
 
     The weights must fill the model: a missing, unexpected or shape-mismatched tensor (another
     model family, another class count, an ImageNet backbone file) is an error unless
@@ -570,6 +574,8 @@ def evaluate(cfg, num_gpus: int = 1, per_category: bool = False, allow_partial_w
     _check_dataset_files(list(cfg.DATASETS.TEST))
     module = InstSegModule(cfg, per_category=per_category)
     _load_initial_weights(module, cfg.MODEL.WEIGHTS, strict=not allow_partial_weights)
+    if channels_last:
+        module.model.to(memory_format=torch.channels_last)
     trainer = build_trainer(cfg, num_gpus)
     trainer.limit_val_batches = 1.0
     trainer.validate(module, datamodule=InstSegDataModule(cfg), verbose=False)
