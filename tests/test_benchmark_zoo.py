@@ -266,3 +266,15 @@ def test_zoo_variants_are_rows_of_the_same_weights_in_one_interleaved_run(tmp_pa
     conv = next(k for k, v in w1.items() if v.dim() == 4 and v.shape[-1] > 1)
     assert w1[conv].is_contiguous(memory_format=torch.channels_last) and not w1[conv].is_contiguous()
     assert w0[conv].is_contiguous()
+
+
+def test_zoo_random_weights_are_seeded():
+    """Random-weight timings depend on how many instances pass the thresholds: two builds of one
+    config must draw the same weights (SEED, else 0), and another SEED other ones."""
+    cfg, _ = zoo._cfg_for(TINY, SMALL[1:])
+    a, b = zoo._build(cfg).state_dict(), zoo._build(cfg).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    cfg.defrost()
+    cfg.SEED = 7
+    c = zoo._build(cfg).state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())

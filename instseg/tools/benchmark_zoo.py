@@ -202,8 +202,15 @@ def _cfg_for(config_file: str, opts: Sequence[str]):
 
 
 def _build(cfg, state_dict=None):
+    """The config's model in eval mode. Its random initialization is seeded (``SEED``, else 0):
+    with random weights the number of instances that pass the score thresholds, and so the
+    post-processing time, depends on the draw (SparseInst R-50 kept 100 in one unseeded run and
+    3 in another), so a rerun must draw the same weights."""
+    import torch
+
     from instseg.modeling import build_model
 
+    torch.manual_seed(int(cfg.SEED) if int(cfg.SEED) >= 0 else 0)
     model = build_model(cfg)
     weights = cfg.MODEL.WEIGHTS
     if state_dict is not None:
