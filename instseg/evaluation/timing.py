@@ -77,6 +77,20 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _run_device(model: nn.Module, device: Optional[Union[str, torch.device]]) -> torch.device:
+    """``device`` (default: where ``model``'s parameters are), a bare ``cuda`` made the current
+    CUDA device, so that synchronization and memory statistics address one GPU."""
+    dev = torch.device(device) if device is not None else _model_device(model)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -142,11 +156,8 @@ def benchmark_model(
         raise ValueError("benchmark_model: no inputs")
     if num_iter < 1 or num_warmup < 0:
         raise ValueError(f"need num_iter >= 1 and num_warmup >= 0, got {num_iter}, {num_warmup}")
-    if precision not in _DTYPES:
-        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
+    _check_precision(precision)
+    device = _run_device(model, device)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -739,15 +750,10 @@ def benchmark_interleaved(
     if len(precisions) != len(entries):
         raise ValueError(f"benchmark_interleaved: {len(precisions)} precisions for {len(entries)} models")
     for prec in precisions:
-        if prec not in _DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {prec!r}")
-    devices = []
-    for model, _ in entries:
-        dev = torch.device(device) if device is not None else _model_device(model)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
+        _check_precision(prec)
+    devices = [_run_device(model, device) for model, _ in entries]
+    for (model, _), dev in zip(entries, devices):
         model.to(dev)
-        devices.append(dev)
     modes = [m.training for m, _ in entries]
     records = [{"times_s": [], "preprocess_s": [], "network_s": [], "postprocess_s": [], "instances": []}
                for _ in entries]
