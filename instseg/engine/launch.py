@@ -208,6 +208,14 @@ def _write_config(output_dir: str, text: str, replace: bool = False) -> str:
     return path
 
 
+def seed_from_cfg(cfg) -> int:
+    """Seed Python, NumPy and torch (``lightning.seed_everything``, data-loader workers included)
+    with ``SEED``, or a seed drawn at random when it is negative. Returns the seed."""
+    seed = cfg.SEED if cfg.SEED >= 0 else random.SystemRandom().randrange(2**31)
+    L.seed_everything(seed, workers=True, verbose=False)
+    return seed
+
+
 def default_setup(cfg, args=None) -> int:
     """Check OUTPUT_DIR, create it, set up logging, write the config, seed everything. Returns the seed.
 
@@ -226,13 +234,12 @@ def default_setup(cfg, args=None) -> int:
     if rank == 0 and training:
         check_output_dir(cfg.OUTPUT_DIR, resume=bool(args.resume), overwrite=overwrite)
     setup_logging(cfg.OUTPUT_DIR, rank)
-    seed = cfg.SEED if cfg.SEED >= 0 else random.SystemRandom().randrange(2**31)
+    seed = seed_from_cfg(cfg)
     if rank == 0:
         _write_config(cfg.OUTPUT_DIR, cfg.dump(), replace=overwrite)
         if args is not None:
             logger.info("Command line arguments: %s", vars(args))
         logger.info("Using seed %d%s", seed, "" if cfg.SEED >= 0 else " (drawn at random; set SEED to fix it)")
-    L.seed_everything(seed, workers=True, verbose=False)
     if cfg.CUDNN_BENCHMARK:
         torch.backends.cudnn.benchmark = True
     return seed

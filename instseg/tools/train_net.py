@@ -75,15 +75,11 @@ def run(argv=None):
 
 
 def _profile(cfg, num_iter: int, num_warmup: int):
-    import random
-
-    import lightning as L
-
-    from instseg.engine.launch import setup_logging
+    from instseg.engine.launch import seed_from_cfg, setup_logging
     from instseg.engine.profile import format_profile, profile_training
 
     setup_logging()
-    L.seed_everything(cfg.SEED if cfg.SEED >= 0 else random.SystemRandom().randrange(2**31), verbose=False)
+    seed_from_cfg(cfg)
     report = profile_training(cfg, num_iter=num_iter, num_warmup=num_warmup)
     print(format_profile(report))
     print(json.dumps({k: v for k, v in report.items() if k != "per_iter_ms"}, indent=1))
