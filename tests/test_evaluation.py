@@ -461,6 +461,11 @@ def test_benchmark_script_small(capsys):
     out = capsys.readouterr().out
     assert out.count("| pycocotools |") == 2 and out.count("| hotcoco |") == 2
     assert "for every backend and IoU type: yes" in out
+    for bad in (["--num-images", "0"], ["--rounds", "0"], ["--height", "4"]):
+        with pytest.raises(SystemExit) as e:
+            main(bad)
+        assert e.value.code == 2
+    assert "must be >= " in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- inference loop

@@ -216,7 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Run the benchmark (see the module docstring); returns the exit status (1: numbers differ)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_images < 1 or args.dets_per_image < 1 or args.rounds < 1:
+        parser.error("--num-images, --dets-per-image and --rounds must be >= 1")
+    if args.height < 16 or args.width < 16:
+        parser.error("--height and --width must be >= 16 pixels")
     backends = ["pycocotools"] + [b for b in args.backends if b != "pycocotools"]
     for b in backends:
         _backend_api(b)  # an ImportError names the missing package before the slow part
